@@ -1,0 +1,3 @@
+from covidscan.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,220 @@
+"""Reading chest scans (PNG, JPEG, DICOM) into one representation.
+
+Every reader returns a :class:`ScanImage` whose ``pixels`` are ``float32`` in ``[0, 1]``
+with shape ``H x W`` (grayscale) or ``H x W x 3`` (colour). Grayscale means *brighter =
+denser* (bone is white), whatever the source's photometric convention:
+
+* PNG / JPEG through Pillow. 8-bit values are divided by 255, 16-bit by 65535. Palette
+  images are expanded; alpha is dropped after compositing onto black. Colour images whose
+  three channels are equal are reduced to grayscale. Pillow's decompression-bomb guard
+  stays on (``Image.MAX_IMAGE_PIXELS`` is never changed here).
+* DICOM through pydicom: the modality LUT (rescale slope / intercept) is applied, then the
+  VOI LUT or the window centre / width when the file has one, then min-max scaling to
+  ``[0, 1]``. ``MONOCHROME1`` images are inverted. Multi-frame files give their middle
+  frame.
+
+Any corrupt, truncated or non-image file raises :class:`ImageReadError`, whose message
+names the file and the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+logger = logging.getLogger(__name__)
+
+DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
+
+
+class ImageReadError(ValueError):
+    """A file could not be read as an image; the message names the file and the cause."""
+
+    def __init__(self, path: str | Path, cause: str):
+        self.path = Path(path)
+        self.cause = cause
+        super().__init__(f"{path}: {cause}")
+
+
+@dataclass(frozen=True)
+class ScanImage:
+    """A decoded scan.
+
+    pixels: float32, ``H x W`` or ``H x W x 3``, values in ``[0, 1]``.
+    format: container format, ``"PNG"``, ``"JPEG"``, ``"DICOM"`` ...
+    mode: the source's pixel mode (Pillow mode such as ``"L"``, ``"I;16"``, ``"RGB"``, or
+        the DICOM photometric interpretation such as ``"MONOCHROME1"``).
+    """
+
+    pixels: np.ndarray
+    format: str
+    mode: str
+    path: Path
+
+    @property
+    def width(self) -> int:
+        return int(self.pixels.shape[1])
+
+    @property
+    def height(self) -> int:
+        return int(self.pixels.shape[0])
+
+    @property
+    def is_color(self) -> bool:
+        return self.pixels.ndim == 3
+
+
+def _is_dicom(path: Path) -> bool:
+    if path.suffix.lower() in DICOM_SUFFIXES:
+        return True
+    with open(path, "rb") as fh:
+        head = fh.read(132)
+    return len(head) == 132 and head[128:132] == b"DICM"
+
+
+def read_image(path: str | Path) -> ScanImage:
+    """Read a PNG, JPEG (or other Pillow format) or DICOM file; see the module docstring."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file")
+    if path.is_dir():
+        raise ImageReadError(path, "is a directory, not an image file")
+    try:
+        if _is_dicom(path):
+            return _read_dicom(path)
+        return _read_pillow(path)
+    except (ImageReadError, FileNotFoundError, Image.DecompressionBombError):
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
+        raise ImageReadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
+    """Read an image from memory (an upload); the content is sniffed, never the name."""
+    import io as _io
+
+    if len(data) >= 132 and data[128:132] == b"DICM":
+        try:
+            return _read_dicom(_io.BytesIO(data), name=name)
+        except ImageReadError:
+            raise
+        except Exception as exc:  # pydicom raises many types for bad data
+            raise ImageReadError(name, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
+    try:
+        return _read_pillow(_io.BytesIO(data), name=name)
+    except ImageReadError:
+        raise
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
+        raise ImageReadError(name, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+
+
+def _read_pillow(src, name: str | None = None) -> ScanImage:
+    label = name or src
+    with warnings.catch_warnings():
+        # A DecompressionBombWarning (between 1x and 2x the limit) becomes an error too.
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(src) as im:
+                im.load()  # forces a full decode: truncated files fail here
+                fmt = im.format or "unknown"
+                mode = im.mode
+                pixels = _pillow_to_array(im, label)
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+            raise ImageReadError(label, f"image too large (decompression-bomb guard): {exc}") from exc
+    return ScanImage(pixels=pixels, format=fmt, mode=mode, path=Path(str(label)))
+
+
+def _pillow_to_array(im: Image.Image, label) -> np.ndarray:
+    mode = im.mode
+    if mode == "P":
+        im = im.convert("RGBA") if "transparency" in im.info else im.convert("RGB")
+        mode = im.mode
+    if mode in ("LA", "RGBA", "PA"):
+        # Composite onto black: alpha carries no radiographic information.
+        arr = np.asarray(im.convert("RGBA"), dtype=np.float32) / 255.0
+        rgb = arr[..., :3] * arr[..., 3:4]
+        return _maybe_gray(rgb)
+    if mode in ("1", "L"):
+        return np.asarray(im.convert("L"), dtype=np.float32) / 255.0
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N"):
+        arr = np.asarray(im, dtype=np.uint16).astype(np.float32)
+        return arr / 65535.0
+    if mode == "I":
+        arr = np.asarray(im, dtype=np.int64).astype(np.float32)
+        # 16-bit PNGs often decode as mode I; values above 65535 mean a real 32-bit image.
+        top = 65535.0 if arr.max(initial=0) <= 65535 else float(arr.max())
+        return np.clip(arr, 0, None) / top
+    if mode == "F":
+        arr = np.asarray(im, dtype=np.float32)
+        return _minmax(arr)
+    if mode in ("RGB", "CMYK", "YCbCr", "LAB", "HSV"):
+        arr = np.asarray(im.convert("RGB"), dtype=np.float32) / 255.0
+        return _maybe_gray(arr)
+    raise ImageReadError(label, f"unsupported pixel mode {mode!r}")
+
+
+def _maybe_gray(rgb: np.ndarray) -> np.ndarray:
+    """Reduce an ``H x W x 3`` array to ``H x W`` when its channels are equal."""
+    if np.array_equal(rgb[..., 0], rgb[..., 1]) and np.array_equal(rgb[..., 0], rgb[..., 2]):
+        return np.ascontiguousarray(rgb[..., 0])
+    return np.ascontiguousarray(rgb)
+
+
+def _minmax(arr: np.ndarray) -> np.ndarray:
+    arr = arr.astype(np.float32)
+    lo, hi = float(np.min(arr)), float(np.max(arr))
+    if not np.isfinite(lo) or not np.isfinite(hi):
+        raise ValueError("pixel data holds non-finite values")
+    if hi <= lo:
+        return np.zeros_like(arr, dtype=np.float32)
+    return (arr - lo) / (hi - lo)
+
+
+def _read_dicom(src, name: str | None = None) -> ScanImage:
+    label = name or src
+    try:
+        import pydicom
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError as exc:  # pragma: no cover - pydicom is a core dependency
+        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from exc
+    try:
+        ds = pydicom.dcmread(src)
+    except Exception as exc:  # InvalidDicomError and friends
+        raise ImageReadError(label, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
+    if "PixelData" not in ds:
+        raise ImageReadError(label, "DICOM file has no pixel data")
+    try:
+        arr = ds.pixel_array
+    except Exception as exc:
+        raise ImageReadError(label, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
+        if frames > 1:
+            arr = arr[frames // 2]
+        if photometric != "RGB":
+            from pydicom.pixels import convert_color_space
+
+            arr = convert_color_space(arr, photometric, "RGB")
+        return ScanImage(_maybe_gray(_minmax(arr)), "DICOM", photometric, Path(str(label)))
+    if frames > 1:
+        logger.info("%s: %d frames, using the middle one", label, frames)
+        arr = arr[frames // 2]
+    arr = apply_modality_lut(arr, ds)  # rescale slope / intercept -> e.g. Hounsfield units
+    if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
+        arr = apply_voi_lut(arr, ds)
+    pixels = _minmax(np.asarray(arr, dtype=np.float32))
+    if photometric == "MONOCHROME1":
+        pixels = 1.0 - pixels
+    return ScanImage(pixels=pixels, format="DICOM", mode=photometric, path=Path(str(label)))
+
+
+def is_image_file(path: Path) -> bool:
+    """True when ``path`` has a suffix covidscan scans for when listing a class folder."""
+    return path.suffix.lower() in IMAGE_SUFFIXES

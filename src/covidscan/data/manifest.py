@@ -1,0 +1,221 @@
+"""Datasets as lists of records: from a manifest CSV or a folder-per-class tree.
+
+Two ways in (torchxrayvision / ImageFolder conventions):
+
+* a manifest CSV with columns ``file,label`` and optional ``patient_id``, ``group_id``,
+  ``source``; ``file`` is relative to the CSV's folder (or absolute);
+* a folder ``ROOT/<label>/*`` (ImageFolder). A folder that holds a ``manifest.csv`` is
+  always read through it, so ``DATA`` and ``DATA/manifest.csv`` give the same records,
+  groups and sources.
+
+Several datasets can be merged; each record keeps its ``source`` (the manifest's
+``source`` column, else ``source_repo``, else the dataset folder's name).
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import logging
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from covidscan.data.io import is_image_file
+from covidscan.labels import TASKS, check_label
+
+logger = logging.getLogger(__name__)
+
+MANIFEST_NAME = "manifest.csv"
+
+
+@dataclass(frozen=True)
+class Record:
+    """One image of a dataset. ``path`` is absolute; ``row`` keeps the manifest's columns."""
+
+    path: Path
+    label: str
+    group_id: str | None = None
+    patient_id: str | None = None
+    source: str = ""
+    dataset: str = ""
+    row: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    @property
+    def group(self) -> str:
+        """Key for leak-free splitting: group_id, else patient_id, else the image itself."""
+        if self.group_id:
+            return self.group_id
+        if self.patient_id:
+            return f"{self.dataset}:patient:{self.patient_id}"
+        return f"image:{self.path}"
+
+
+@dataclass
+class DatasetIndex:
+    """The records of one or several merged datasets of one task."""
+
+    task: str
+    records: list[Record]
+    origins: list[Path]
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        return TASKS[self.task]
+
+    @property
+    def grouping(self) -> str:
+        """``"group_id"``, ``"patient_id"`` or ``"image"``: what splits can keep together."""
+        if self.records and all(r.group_id for r in self.records):
+            return "group_id"
+        if self.records and all(r.group_id or r.patient_id for r in self.records):
+            return "patient_id"
+        return "image"
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def labels(self) -> list[str]:
+        return [r.label for r in self.records]
+
+    def targets(self) -> list[int]:
+        names = self.class_names
+        return [names.index(r.label) for r in self.records]
+
+    def counts(self) -> dict[str, int]:
+        c = Counter(self.labels())
+        return {name: c.get(name, 0) for name in self.class_names}
+
+    def sources(self) -> dict[str, dict[str, int]]:
+        """``{label: {source: count}}`` for the class x source table."""
+        out: dict[str, dict[str, int]] = {n: {} for n in self.class_names}
+        for r in self.records:
+            out[r.label][r.source] = out[r.label].get(r.source, 0) + 1
+        return out
+
+    def single_source_classes(self) -> list[str]:
+        return [label for label, srcs in self.sources().items() if len(srcs) == 1]
+
+    def fingerprint(self) -> str:
+        """SHA-256 of the sorted (file, label, group) triples: identifies the data used."""
+        h = hashlib.sha256()
+        for line in sorted(f"{r.path.name},{r.label},{r.group}" for r in self.records):
+            h.update(line.encode() + b"\n")
+        return h.hexdigest()
+
+    def subset(self, keep: Iterable[int]) -> DatasetIndex:
+        return DatasetIndex(self.task, [self.records[i] for i in keep], self.origins)
+
+
+def infer_task(labels: Iterable[str]) -> str:
+    """``xray`` if any label is ``pneumonia`` or outside the CT classes, else ``ct``."""
+    found = set(labels)
+    return "ct" if found <= set(TASKS["ct"]) else "xray"
+
+
+def _clean(value: str | None) -> str | None:
+    value = (value or "").strip()
+    return value or None
+
+
+def read_manifest(csv_path: Path) -> list[Record]:
+    """Read a manifest CSV; every listed file must exist (else FileNotFoundError)."""
+    csv_path = Path(csv_path)
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"{csv_path}: manifest not found")
+    root = csv_path.parent
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        fields = reader.fieldnames or []
+        missing_cols = {"file", "label"} - set(fields)
+        if missing_cols:
+            raise ValueError(f"{csv_path}: manifest lacks column(s) {sorted(missing_cols)}; need at least file,label")
+        rows = list(reader)
+    if not rows:
+        raise ValueError(f"{csv_path}: manifest has no rows")
+    records, missing = [], []
+    for n, row in enumerate(rows, start=2):
+        rel = _clean(row.get("file"))
+        label = _clean(row.get("label"))
+        if not rel or not label:
+            raise ValueError(f"{csv_path}:{n}: empty file or label")
+        path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
+        if not path.is_file():
+            missing.append(f"{rel} (line {n})")
+            continue
+        source = _clean(row.get("source")) or _clean(row.get("source_repo")) or root.name
+        records.append(
+            Record(
+                path=path,
+                label=label,
+                group_id=_clean(row.get("group_id")),
+                patient_id=_clean(row.get("patient_id")),
+                source=source,
+                dataset=root.name,
+                row=dict(row),
+            )
+        )
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) missing: {shown}")
+    return records
+
+
+def read_folder(root: Path, task: str | None = None) -> list[Record]:
+    """Read ``ROOT/<label>/*``; hidden entries and non-image suffixes are ignored."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"{root}: no such folder")
+    class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if not class_dirs:
+        raise ValueError(f"{root}: no class sub-folders and no {MANIFEST_NAME}; expected ROOT/<label>/<images>")
+    allowed = set(TASKS[task]) if task else set().union(*TASKS.values())
+    for d in class_dirs:
+        if d.name not in allowed:
+            raise ValueError(f"{d}: unknown label {d.name!r}; allowed labels: {', '.join(sorted(allowed))}")
+    records = []
+    for d in class_dirs:
+        files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_file(p))
+        if not files:
+            raise ValueError(f"{d}: class folder {d.name!r} holds no image files")
+        records += [Record(path=p.resolve(), label=d.name, source=root.name, dataset=root.name) for p in files]
+    return records
+
+
+def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = None) -> DatasetIndex:
+    """Load one or several datasets (folders or manifests) into a :class:`DatasetIndex`.
+
+    ``task`` defaults to :func:`infer_task` on the labels found. Every label must belong to
+    the task; datasets that disagree raise ``ValueError``.
+    """
+    paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
+    if not paths:
+        raise ValueError("no dataset given")
+    records: list[Record] = []
+    tasks_seen: dict[Path, str] = {}
+    for p in paths:
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: no such file or folder")
+        if p.is_file():
+            recs = read_manifest(p)
+        elif (p / MANIFEST_NAME).is_file():
+            recs = read_manifest(p / MANIFEST_NAME)
+        else:
+            recs = read_folder(p, task)
+        tasks_seen[p] = task or infer_task(r.label for r in recs)
+        records += recs
+    task = task or infer_task(r.label for r in records)
+    for p, t in tasks_seen.items():
+        if t != task:
+            raise ValueError(f"{p}: its classes are those of task {t!r}, the others' are {task!r}; cannot merge")
+    for r in records:
+        try:
+            check_label(r.label, task)
+        except ValueError as exc:
+            raise ValueError(f"{r.path}: {exc}") from None
+    seen: set[Path] = set()
+    dupes = [r.path for r in records if r.path in seen or seen.add(r.path)]
+    if dupes:
+        raise ValueError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
+    return DatasetIndex(task=task, records=records, origins=paths)
