@@ -96,6 +96,12 @@ def make_folder_dataset(
     return root
 
 
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Caches go to a temporary folder, never to the user's home or beside ../shared."""
+    monkeypatch.setenv("COVIDSCAN_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
 @pytest.fixture
 def xray_dir(tmp_path) -> Path:
     return make_folder_dataset(tmp_path / "xray")
@@ -104,3 +110,38 @@ def xray_dir(tmp_path) -> Path:
 @pytest.fixture
 def ct_dir(tmp_path) -> Path:
     return make_folder_dataset(tmp_path / "ct", classes=("covid", "normal"))
+
+
+def tiny_config(**sections):
+    """A config for fast tests: tiny images, random weights, 2 epochs."""
+    from covidscan.config import load_config
+    from covidscan.engine import replace_cfg
+
+    cfg = load_config(
+        None,
+        [
+            "model.weights=none",
+            "model.backbone=efficientnet_lite0",
+            "data.image_size=64",
+            "train.epochs=2",
+            "train.batch_size=4",
+            "train.lr=1e-3",
+            "augment.enabled=false",
+        ],
+    )
+    return replace_cfg(cfg, **sections) if sections else cfg
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory):
+    """One tiny checkpoint trained on synthetic X-rays, shared by the inference tests."""
+    import torch
+
+    from covidscan.engine import train
+
+    root = tmp_path_factory.mktemp("data")
+    data = make_folder_dataset(root / "xray", per_class=10, size=48)
+    torch.manual_seed(0)
+    cfg = tiny_config(train={"epochs": 3})
+    result = train(cfg, data, tmp_path_factory.mktemp("runs") / "tiny")
+    return result, data

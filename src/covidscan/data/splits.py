@@ -88,9 +88,7 @@ class Split:
         return "\n".join(lines)
 
 
-def grouped_split(
-    index: DatasetIndex, *, test: float = 0.2, val: float = 0.1, seed: int = 0, by_source: bool = True
-) -> Split:
+def grouped_split(index: DatasetIndex, *, test: float = 0.2, val: float = 0.1, seed: int = 0, by_source: bool = True) -> Split:
     """Stratified (label, and source when ``by_source``) split that keeps groups whole."""
     _check_fractions(test, val)
     fractions = {"train": 1.0 - test - val, "val": val, "test": test}
@@ -124,6 +122,13 @@ def grouped_split(
         have[best] += vec
         for i in members:
             assignment[i] = split_names[best]
+    # tiny data sets: a split asked for but left empty gets the smallest group from train
+    for name in split_names[1:]:
+        if name not in assignment:
+            donors = [k for k in reversed(visit) if assignment[groups[names[k]][0]] == "train"]
+            if len(donors) > 1:
+                for i in groups[names[donors[0]]]:
+                    assignment[i] = name
     protocol = PROTOCOL_GROUPED if index.grouping != "image" else PROTOCOL_IMAGE
     if index.grouping == "image":
         logger.warning(

@@ -70,18 +70,14 @@ def compute_stats(index: DatasetIndex, *, original: bool = False, strict: bool =
     With ``original=True`` the manifest's ``original_width`` / ``original_height`` are used
     instead of the stored files' sizes (ValueError if the manifest lacks them).
     """
-    per_class: dict[str, dict[str, list]] = {
-        n: {"w": [], "h": [], "fmt": [], "mode": [], "src": []} for n in index.class_names
-    }
+    per_class: dict[str, dict[str, list]] = {n: {"w": [], "h": [], "fmt": [], "mode": [], "src": []} for n in index.class_names}
     skipped: list[tuple[str, str]] = []
     for rec in index.records:
         if original:
             try:
                 w, h = int(rec.row["original_width"]), int(rec.row["original_height"])
             except (KeyError, ValueError, TypeError):
-                raise ValueError(
-                    f"{rec.path}: --original needs original_width/original_height in the manifest"
-                ) from None
+                raise ValueError(f"{rec.path}: --original needs original_width/original_height in the manifest") from None
             fmt, mode = rec.row.get("original_format", "?"), rec.row.get("original_mode", "?")
         else:
             try:
@@ -110,16 +106,12 @@ def compute_stats(index: DatasetIndex, *, original: bool = False, strict: bool =
         )
         for n, d in per_class.items()
     ]
-    return DatasetStats(
-        task=index.task, classes=classes, skipped=skipped, size_kind="original" if original else "stored"
-    )
+    return DatasetStats(task=index.task, classes=classes, skipped=skipped, size_kind="original" if original else "stored")
 
 
 def format_stats(stats: DatasetStats) -> str:
     """A human-readable table in the layout of the paper's Tables I / II."""
-    head = (
-        f"{'class':<10} {'images':>6}  {'width min/max/mean/std':>26}  {'height min/max/mean/std':>26}  formats / modes"
-    )
+    head = f"{'class':<10} {'images':>6}  {'width min/max/mean/std':>26}  {'height min/max/mean/std':>26}  formats / modes"
     lines = [f"task: {stats.task}   sizes: {stats.size_kind} (pixels)", head, "-" * len(head)]
     total = 0
     for c in stats.classes:

@@ -1,0 +1,187 @@
+"""Typed configuration: frozen dataclasses; recipes (YAML in ``configs/``) only supply values.
+
+``load_config(path, overrides)`` reads a recipe, applies ``section.key=value`` overrides
+(values parsed as YAML scalars, then checked against the field's type) and returns a
+:class:`Config`. ``save_config`` writes the resolved copy saved in each run folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    task: str = "xray"  # xray | ct: fixes the class list (covidscan.labels)
+    image_size: int = 0  # square input side in pixels; 0 = the backbone's native size
+    protocol: str = "grouped"  # grouped (patient-level) | paper (image-level 80/20, leaks patients)
+    test: float = 0.2  # fraction of images (whole groups) held out for test
+    val: float = 0.1  # fraction for validation (model selection / early stopping)
+    split_seed: int = 0
+    cache: bool = True  # decode + resize every image once, keep the uint8 result for later epochs
+    cache_dir: str = "auto"  # on-disk cache folder; "auto" = user cache (~/.cache/covidscan); "" = memory only
+    num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (Berrimi et al.: rotation, zoom, horizontal flip, shift)."""
+
+    enabled: bool = True
+    rotation: float = 10.0  # degrees, uniform in [-rotation, rotation]
+    zoom: float = 0.1  # scale uniform in [1 - zoom, 1 + zoom]
+    shift: float = 0.1  # translation up to this fraction of the side, both axes
+    hflip: float = 0.5  # probability of a horizontal flip
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    backbone: str = "densenet121"  # a registered backbone (covidscan.models.list_backbones)
+    head: str = "linear"  # linear (paper baselines) | paper (New-DenseNet head)
+    weights: str = "imagenet"  # none | imagenet | path to a state dict
+    download: bool = True  # let torchvision download ImageNet weights when not cached
+    freeze_backbone: bool = False  # train the head only (backbone in eval mode, no gradients)
+    dropout: float = -1.0  # head dropout; -1 = the head's default (linear 0.0, paper 0.5)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 50
+    batch_size: int = 16
+    lr: float = 1e-4  # Adam learning rate (paper: 1e-4)
+    weight_decay: float = 0.0
+    early_stopping: int = 0  # stop after this many epochs without validation improvement; 0 = off
+    monitor: str = "val_loss"  # val_loss | val_acc: what selects the best epoch (never test)
+    class_weights: bool = False  # weight the loss by inverse class frequency in train
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    amp: bool = True  # bf16 autocast on CUDA
+    cpu_bf16: bool = False  # bf16 autocast on CPU
+    channels_last: bool = True  # NHWC memory format on CUDA
+    max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
+
+
+@dataclass(frozen=True)
+class Config:
+    name: str = "run"
+    data: DataConfig = field(default_factory=DataConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {f.name: f.type for f in dataclasses.fields(Config)}
+_TYPES = {"int": int, "float": float, "str": str, "bool": bool}
+
+
+def _coerce(value, typ, where: str):
+    if isinstance(typ, str):  # annotations are strings under `from __future__ import annotations`
+        typ = _TYPES[typ]
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        raise ValueError(f"{where}: expected true/false, got {value!r}")
+    if typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if typ is float:
+        if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if typ is str:
+        return str(value)
+    raise ValueError(f"{where}: unsupported type {typ}")
+
+
+def _build(cls, values: dict, where: str):
+    if not isinstance(values, dict):
+        raise ValueError(f"{where}: expected a mapping, got {values!r}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(values) - set(fields)
+    if unknown:
+        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
+    kwargs = {}
+    for name, value in values.items():
+        if cls is Config and name != "name":
+            kwargs[name] = _build(_section_cls(name), value or {}, f"{where}.{name}")
+        else:
+            kwargs[name] = _coerce(value, fields[name].type, f"{where}.{name}")
+    return cls(**kwargs)
+
+
+def _section_cls(name: str):
+    return {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig}[name]
+
+
+def config_from_dict(values: dict, where: str = "config") -> Config:
+    cfg = _build(Config, values, where)
+    validate(cfg)
+    return cfg
+
+
+def apply_overrides(values: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` strings to a nested dict (values parsed as YAML scalars)."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.epochs=3")
+        key, raw = item.split("=", 1)
+        parts = key.strip().split(".")
+        value = yaml.safe_load(raw) if raw.strip() else ""
+        if len(parts) == 1 and parts[0] == "name":
+            out["name"] = str(value)
+        elif len(parts) == 2 and parts[0] in _SECTIONS:
+            out.setdefault(parts[0], {})[parts[1]] = value
+        else:
+            raise ValueError(f"override {item!r}: key must be name or one of {sorted(set(_SECTIONS) - {'name'})}.<field>")
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe (or start from defaults when ``path`` is None) and apply overrides."""
+    values: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: config not found")
+        with open(path, encoding="utf-8") as fh:
+            values = yaml.safe_load(fh) or {}
+        values.setdefault("name", path.stem)
+    return config_from_dict(apply_overrides(values, overrides or []), str(path or "config"))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
+
+
+def validate(cfg: Config) -> None:
+    from covidscan.labels import TASKS
+
+    if cfg.data.task not in TASKS:
+        raise ValueError(f"data.task={cfg.data.task!r}; choose one of {sorted(TASKS)}")
+    if cfg.data.protocol not in ("grouped", "paper"):
+        raise ValueError(f"data.protocol={cfg.data.protocol!r}; choose grouped or paper")
+    if cfg.data.image_size and cfg.data.image_size < 32:
+        raise ValueError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
+    if cfg.model.head not in ("linear", "paper"):
+        raise ValueError(f"model.head={cfg.model.head!r}; choose linear or paper")
+    if cfg.train.monitor not in ("val_loss", "val_acc"):
+        raise ValueError(f"train.monitor={cfg.train.monitor!r}; choose val_loss or val_acc")
+    if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
+        raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
+    from covidscan.models import get_backbone
+
+    get_backbone(cfg.model.backbone)  # raises with the registered names

@@ -1,0 +1,150 @@
+"""Torch datasets over decoded, resized images.
+
+:class:`ImageStore` decodes and resizes each image once (:func:`to_gray_uint8`) and keeps
+the ``uint8`` result: every epoch after the first reads memory, not JPEG/DICOM files.
+With ``cache_dir`` set, each result is also written to disk under a key made of the file's
+content hash (SHA-256), the size and :data:`PREPROCESS_VERSION`, so later runs skip the
+decoding too and a changed file or setting misses the cache. Entries are written to a
+temporary file and renamed, so two runs can share one cache folder.
+
+Samples are dicts (torchxrayvision style): ``image``, ``label``, ``index``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from covidscan.data.io import ImageReadError, read_bytes
+from covidscan.data.manifest import Record
+from covidscan.data.transforms import PREPROCESS_VERSION, Preprocess, to_gray_uint8, to_input
+
+logger = logging.getLogger(__name__)
+
+
+def default_cache_dir() -> Path:
+    """``$COVIDSCAN_CACHE``, else ``$XDG_CACHE_HOME/covidscan``, else ``~/.cache/covidscan``."""
+    if os.environ.get("COVIDSCAN_CACHE"):
+        return Path(os.environ["COVIDSCAN_CACHE"])
+    base = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache"))
+    return base / "covidscan"
+
+
+class ImageStore:
+    """``images[i]``: ``1 x S x S`` uint8 of ``records[i]``; unreadable ones listed in ``skipped``.
+
+    ``strict=True`` raises :class:`ImageReadError` on the first unreadable image instead.
+    """
+
+    def __init__(
+        self,
+        records: list[Record],
+        size: int,
+        *,
+        cache_dir: str | Path | None = None,
+        strict: bool = False,
+        workers: int | None = None,
+        progress: bool = False,
+    ):
+        self.size = size
+        self.cache_dir = Path(cache_dir) / f"v{PREPROCESS_VERSION}" if cache_dir else None
+        self.records = records
+        self.hits = 0
+        n = len(records)
+        self.images = torch.zeros((n, 1, size, size), dtype=torch.uint8)
+        self.valid = np.ones(n, dtype=bool)
+        self.skipped: list[tuple[str, str]] = []
+        workers = workers or min(8, os.cpu_count() or 1)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=n, desc=f"decode {size}px", unit="img", leave=False)
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            for i, result in enumerate(pool.map(self._load, records)):
+                if isinstance(result, ImageReadError):
+                    if strict:
+                        raise result
+                    self.valid[i] = False
+                    self.skipped.append((str(result.path), result.cause))
+                    logger.warning("skipping unreadable image %s", result)
+                else:
+                    self.images[i] = result
+                if bar:
+                    bar.update()
+        if bar:
+            bar.close()
+        if self.skipped:
+            logger.warning("%d of %d image(s) unreadable and skipped", len(self.skipped), n)
+
+    def _key(self, data: bytes) -> str:
+        return hashlib.sha256(data).hexdigest() + f"_{self.size}"
+
+    def _load(self, rec: Record) -> torch.Tensor | ImageReadError:
+        try:
+            data = rec.path.read_bytes()
+        except OSError as exc:
+            return ImageReadError(rec.path, f"cannot read file ({exc})")
+        entry = None
+        if self.cache_dir is not None:
+            key = self._key(data)
+            entry = self.cache_dir / key[:2] / f"{key}.npy"
+            if entry.is_file():
+                try:
+                    arr = np.load(entry, allow_pickle=False)
+                    if arr.shape == (1, self.size, self.size) and arr.dtype == np.uint8:
+                        self.hits += 1
+                        return torch.from_numpy(arr)
+                except (OSError, ValueError):
+                    logger.debug("cache entry %s unreadable; decoding again", entry)
+        try:
+            img = to_gray_uint8(read_bytes(data, name=str(rec.path)), self.size)
+        except ImageReadError as exc:
+            return exc
+        if entry is not None:
+            _atomic_save(entry, img.numpy())
+        return img
+
+
+def _atomic_save(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.save(fh, arr, allow_pickle=False)
+        os.replace(tmp, path)
+    except OSError as exc:
+        logger.warning("could not write cache entry %s: %s", path, exc)
+        Path(tmp).unlink(missing_ok=True)
+
+
+class ScanDataset(Dataset):
+    """Items ``{"image": 3 x S x S float32 (normalised), "label": int, "index": int}``."""
+
+    def __init__(self, store: ImageStore, indices: list[int], targets: list[int], pre: Preprocess, augment=None):
+        self.store = store
+        self.indices = [i for i in indices if store.valid[i]]
+        self.targets = targets
+        self.pre = pre
+        self.augment = augment
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def labels(self) -> list[int]:
+        return [self.targets[i] for i in self.indices]
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.indices[k]
+        x = self.store.images[i]  # 1 x S x S uint8
+        if self.augment is not None:
+            x = self.augment(x)
+        return {"image": to_input(x, self.pre), "label": self.targets[i], "index": i}

@@ -1,0 +1,97 @@
+"""Preprocessing and augmentation, as plain tensor maths plus thin torchvision v2 wrappers.
+
+Pipeline (the contract every model input follows):
+
+1. :func:`to_gray_uint8`: a :class:`ScanImage` -> ``1 x S x S`` ``uint8`` tensor. Colour
+   scans become gray (ITU-R 601 luma), the image is resized to ``S x S`` (aspect ratio
+   not kept, as in the paper) with antialiasing. This is what the cache stores.
+2. training only, :func:`build_augment`: rotation, zoom, shift (one ``RandomAffine``) and
+   horizontal flip on the ``uint8`` tensor (torchvision transforms v2).
+3. :func:`to_input`: ``uint8`` -> ``float32`` in ``[0, 1]``, the gray plane copied to 3
+   channels (channel policy ``replicate``), normalised by the spec's mean / std.
+
+The parameters live in :class:`Preprocess`, which each checkpoint stores, so predict
+uses exactly what train used.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as TF
+
+from covidscan.data.io import ScanImage
+
+PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
+
+
+@dataclass(frozen=True)
+class Preprocess:
+    image_size: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    channel_policy: str = "replicate"
+    resize: str = "stretch"  # the paper's plain resize to a square
+    version: int = PREPROCESS_VERSION
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocess:
+        return cls(
+            image_size=int(d["image_size"]),
+            mean=tuple(float(v) for v in d["mean"]),
+            std=tuple(float(v) for v in d["std"]),
+            channel_policy=str(d.get("channel_policy", "replicate")),
+            resize=str(d.get("resize", "stretch")),
+            version=int(d.get("version", PREPROCESS_VERSION)),
+        )
+
+    @classmethod
+    def for_backbone(cls, spec, image_size: int = 0) -> Preprocess:
+        return cls(image_size=image_size or spec.input_size, mean=spec.mean, std=spec.std, channel_policy=spec.channel_policy)
+
+
+def gray(pixels: np.ndarray) -> np.ndarray:
+    """``H x W`` or ``H x W x 3`` float in [0, 1] -> ``H x W`` (ITU-R 601 luma for colour)."""
+    if pixels.ndim == 2:
+        return pixels
+    return pixels @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+
+
+def to_gray_uint8(scan: ScanImage | np.ndarray, size: int) -> torch.Tensor:
+    """Decoded scan -> ``1 x size x size`` uint8 tensor (gray, resized with antialiasing)."""
+    pixels = scan.pixels if isinstance(scan, ScanImage) else scan
+    t = torch.from_numpy(np.ascontiguousarray(gray(pixels), dtype=np.float32))[None]  # 1 x H x W
+    t = TF.resize(t, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
+    return (t.clamp(0, 1) * 255).round().to(torch.uint8)
+
+
+def to_input(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
+    """``[N x] 1 x S x S`` uint8 -> ``[N x] 3 x S x S`` float32, normalised."""
+    x = x.float() / 255.0
+    x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])  # replicate gray to 3 channels
+    mean = torch.tensor(pre.mean, dtype=x.dtype).view(3, 1, 1)
+    std = torch.tensor(pre.std, dtype=x.dtype).view(3, 1, 1)
+    return (x - mean) / std
+
+
+def build_augment(aug, image_size: int) -> v2.Transform | None:
+    """The paper's augmentation on ``1 x S x S`` uint8 tensors; None when disabled."""
+    if not aug.enabled:
+        return None
+    return v2.Compose(
+        [
+            v2.RandomAffine(
+                degrees=aug.rotation,
+                translate=(aug.shift, aug.shift) if aug.shift > 0 else None,
+                scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom > 0 else None,
+                interpolation=v2.InterpolationMode.BILINEAR,
+            ),
+            v2.RandomHorizontalFlip(p=aug.hflip),
+        ]
+    )

@@ -1,0 +1,153 @@
+"""``covidscan evaluate``: a checkpoint on a split or an external dataset -> metrics, report, figures.
+
+Data to evaluate, in order: ``split_file`` + ``subset``; else ``data`` (every image: an
+external validation set); else the run's own ``split.csv`` (beside the checkpoint), test
+subset. Classes absent from the evaluated set are reported as absent, with undefined
+metrics left as ``nan``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.data import DatasetIndex, load_dataset, read_split
+from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir
+from covidscan.data.transforms import Preprocess
+from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Predictions:
+    index: DatasetIndex  # only the images that could be read
+    probs: np.ndarray  # N x C
+    y: np.ndarray  # N
+    skipped: list[tuple[str, str]]
+
+
+def predict_index(
+    model,
+    meta: dict,
+    index: DatasetIndex,
+    *,
+    device: str = "auto",
+    batch_size: int = 32,
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    store: ImageStore | None = None,
+) -> Predictions:
+    """Softmax probabilities of ``model`` for every readable image of ``index``."""
+    from covidscan.engine import predict_loader, resolve_device
+
+    dev = resolve_device(device)
+    pre = Preprocess.from_dict(meta["preprocess"])
+    store = store or ImageStore(index.records, pre.image_size, cache_dir=cache_dir, progress=progress)
+    targets = [meta["class_names"].index(r.label) for r in index.records]
+    ds = ScanDataset(store, list(range(len(index))), targets, pre)
+    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    model.to(dev)
+    probs, y, idx, _ = predict_loader(model, loader, dev)
+    kept = index.subset(idx.tolist())
+    return Predictions(kept, probs, y, store.skipped)
+
+
+def select_data(
+    checkpoint: Path, data=None, split_file=None, subset: str = "test", task: str | None = None
+) -> tuple[DatasetIndex, str]:
+    """The images to evaluate and a description of where they come from."""
+    if split_file is not None:
+        split = read_split(split_file, task)
+        return split.subset(subset), f"{subset} subset of {split_file} ({split.protocol} split)"
+    if data:
+        return load_dataset(
+            data, task
+        ), f"all images of {', '.join(str(d) for d in ([data] if isinstance(data, (str, Path)) else data))}"
+    own = Path(checkpoint).parent / "split.csv"
+    if own.is_file():
+        split = read_split(own, task)
+        return split.subset(subset), f"{subset} subset of the run's split {own} ({split.protocol} split)"
+    raise ValueError("nothing to evaluate: give --data or --split (no split.csv beside the checkpoint)")
+
+
+def evaluate(
+    checkpoint,
+    data=None,
+    *,
+    split_file=None,
+    subset: str = "test",
+    out=None,
+    grid: int = 0,
+    n_boot: int = 1000,
+    device: str = "auto",
+    progress: bool = False,
+    seed: int = 0,
+) -> dict:
+    """Evaluate; with ``out`` write ``metrics.json``, ``report.md`` and PNG figures there."""
+    checkpoint = Path(checkpoint)
+    obj = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(obj, checkpoint)
+    index, where = select_data(checkpoint, data, split_file, subset, meta["task"])
+    if len(index) == 0:
+        raise ValueError(f"no images to evaluate in {where}")
+    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images", progress=progress)
+    result = summarise(preds, meta, where, checkpoint=checkpoint, n_boot=n_boot, seed=seed)
+    if out is not None:
+        from covidscan.reports import write_evaluation
+
+        write_evaluation(result, preds, Path(out), grid=grid, seed=seed)
+    return result
+
+
+def summarise(preds: Predictions, meta: dict, where: str, *, checkpoint=None, n_boot: int = 1000, seed: int = 0) -> dict:
+    names = list(meta["class_names"])
+    index = preds.index
+    grouping = index.grouping
+    groups = [r.group for r in index.records] if grouping != "image" else None
+    point = compute_metrics(preds.y, preds.probs)
+    ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot, seed=seed) if n_boot else {}
+    ece, reliability = expected_calibration_error(preds.y, preds.probs)
+    per_class_counts = {}
+    for c, name in enumerate(names):
+        recs = [r for r, t in zip(index.records, preds.y) if t == c]
+        per_class_counts[name] = {"images": len(recs), "patients": len({r.group for r in recs}) if groups else None}
+    absent = [n for n in names if per_class_counts[n]["images"] == 0]
+    return {
+        "checkpoint": str(checkpoint) if checkpoint else None,
+        "task": meta["task"],
+        "class_names": names,
+        "backbone": meta["backbone"],
+        "head": meta["head"],
+        "weights_source": meta.get("weights_source", "unknown"),
+        "trained_split_protocol": meta.get("split_protocol"),
+        "evaluated_on": where,
+        "grouping": grouping,
+        "split_type": "patient-grouped" if grouping != "image" else "image-level (no patient ids)",
+        "counts": per_class_counts,
+        "absent_classes": absent,
+        "skipped": [{"path": p, "reason": r} for p, r in preds.skipped],
+        "metrics": point,
+        "ci95": {k: list(v) for k, v in ci.items()},
+        "bootstrap": {"resamples": n_boot, "unit": "patient group" if groups else "image"},
+        "ece": ece,
+        "reliability": reliability,
+    }
+
+
+def save_json(obj: dict, path: Path) -> None:
+    def _default(o):
+        if isinstance(o, (np.floating, np.integer)):
+            return o.item()
+        if isinstance(o, torch.Tensor):
+            return o.tolist()
+        raise TypeError(type(o))
+
+    path.write_text(json.dumps(obj, indent=2, default=_default, allow_nan=True), encoding="utf-8")

@@ -1,0 +1,87 @@
+import json
+
+import numpy as np
+import pytest
+
+from covidscan.cli import main
+from covidscan.evaluation import evaluate
+from tests.conftest import make_folder_dataset
+
+
+def test_evaluate_writes_report_and_figures(trained_run, tmp_path):
+    result, data = trained_run
+    out = tmp_path / "eval"
+    r = evaluate(result.best_checkpoint, out=out, grid=4, n_boot=50)
+    for name in ("report.md", "metrics.json", "confusion.png", "roc.png", "reliability.png", "grid.png"):
+        assert (out / name).stat().st_size > 500, name
+    report = (out / "report.md").read_text()
+    assert "weights source: none" in report and "patient-grouped" in report
+    m = json.loads((out / "metrics.json").read_text())
+    n = sum(c["images"] for c in m["counts"].values())
+    assert m["metrics"]["n"] == n == np.sum(m["metrics"]["confusion"])
+    lo, hi = m["ci95"]["accuracy"]
+    assert lo <= m["metrics"]["accuracy"] <= hi
+    assert r["bootstrap"]["unit"] == "patient group"
+
+
+def test_external_set_with_missing_class(trained_run, tmp_path, capsys):
+    result, _ = trained_run
+    ext = make_folder_dataset(tmp_path / "external", classes=("covid", "normal"), per_class=4, size=48, manifest=False, seed=9)
+    assert (
+        main(
+            [
+                "evaluate",
+                "--checkpoint",
+                str(result.best_checkpoint),
+                "--data",
+                str(ext),
+                "--out",
+                str(tmp_path / "ev"),
+                "--bootstrap",
+                "20",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    m = json.loads((tmp_path / "ev" / "metrics.json").read_text())
+    assert m["absent_classes"] == ["pneumonia"]
+    assert m["metrics"]["per_class"]["sensitivity"][1] is None or np.isnan(m["metrics"]["per_class"]["sensitivity"][1])
+    assert "Absent from this set" in (tmp_path / "ev" / "report.md").read_text()
+    assert "image-level" in m["split_type"]
+
+
+def test_reproduce_end_to_end_tiny(tmp_path):
+    from covidscan.reproduce import reproduce
+
+    data = make_folder_dataset(tmp_path / "d", per_class=20, size=40, groups_per_class=10)
+    res = reproduce(
+        "xray",
+        data,
+        tmp_path / "rep",
+        epochs=1,
+        n_boot=20,
+        grid=4,
+        overrides=["data.image_size=80", "train.batch_size=8", "model.download=false"],
+    )
+    rows = res["rows"]
+    assert [(r["protocol"], r["model"]) for r in rows] == [
+        (p, m) for p in ("paper", "grouped") for m in ("densenet", "inception_v3", "new_densenet")
+    ]
+    table = (tmp_path / "rep" / "table.md").read_text()
+    assert "92.35" in table and "63.56" in table
+    dense = [r for r in rows if r["backbone"] == "densenet121"]
+    assert all(r["weights_source"].startswith("none") and "from scratch" in r["note"] for r in dense)
+    inc = [r for r in rows if r["model"] == "inception_v3"]
+    assert all("fid-helper" in r["weights_source"] for r in inc)
+    assert all(0 <= r["accuracy"] <= 1 for r in rows)
+
+
+def test_evaluate_needs_data(tmp_path, trained_run):
+    import shutil
+
+    result, _ = trained_run
+    lone = tmp_path / "lone.pt"
+    shutil.copy(result.best_checkpoint, lone)
+    with pytest.raises(ValueError, match="nothing to evaluate"):
+        evaluate(lone)

@@ -1,0 +1,260 @@
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from covidscan.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
+from covidscan.config import load_config
+from covidscan.engine import train
+from tests.conftest import SHARED_DATA, make_folder_dataset, tiny_config
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_training_lowers_loss_and_checkpoint_roundtrips(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=10, size=48)
+    torch.manual_seed(0)
+    result = train(tiny_config(train={"epochs": 4}), data, tmp_path / "run")
+    losses = [h["train_loss"] for h in result.history]
+    assert losses[-1] < losses[0]
+    for name in ("config.yaml", "split.csv", "history.jsonl", "best.pt", "last.pt"):
+        assert (tmp_path / "run" / name).is_file()
+    assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 4
+    obj = load_checkpoint(result.best_checkpoint, task="xray")
+    meta = obj["meta"]
+    assert meta["class_names"] == ["covid", "pneumonia", "normal"]
+    assert meta["preprocess"]["image_size"] == 64 and meta["weights_source"].startswith("none")
+    assert meta["split_protocol"] == "grouped" and len(meta["data_fingerprint"]) == 64
+    assert meta["epoch"] == result.best_epoch
+    model, _ = model_from_checkpoint(obj)
+    model2, _ = model_from_checkpoint(load_checkpoint(result.best_checkpoint))
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(model(x), model2(x))
+    # the best epoch is chosen on validation loss
+    best = min(result.history, key=lambda h: h["val_loss"])
+    assert result.best_epoch == best["epoch"]
+
+
+def test_resume_equals_uninterrupted(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    cfg = tiny_config(train={"epochs": 3, "lr": 1e-3}, augment={"enabled": True})
+    full = train(cfg, data, tmp_path / "full")
+    part = train(cfg, data, tmp_path / "part", stop_after_epoch=1)
+    assert len(part.history) == 1
+    resumed = train(cfg, None, tmp_path / "part", resume=True)
+    a = load_checkpoint(full.last_checkpoint)["state_dict"]
+    b = load_checkpoint(resumed.last_checkpoint)["state_dict"]
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in full.history])
+
+
+def test_early_stopping_and_frozen_backbone(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
+    cfg = tiny_config(train={"epochs": 20, "early_stopping": 1, "lr": 10.0}, model={"freeze_backbone": True})
+    result = train(cfg, data, tmp_path / "run")
+    assert len(result.history) < 20  # a huge learning rate cannot keep improving
+    sd = load_checkpoint(result.last_checkpoint)["state_dict"]
+    from covidscan.models import build_model
+
+    torch.manual_seed(cfg.train.seed)
+    ref, _ = build_model("efficientnet_lite0", "linear", 3, weights="none")
+    key = "backbone.net._conv_stem.weight"
+    assert torch.equal(sd[key], ref.state_dict()[key]), "frozen backbone weights changed"
+
+
+def test_split_file_is_used(tmp_path):
+    from covidscan.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    assert main(["split", str(data), "--out", str(tmp_path / "s.csv"), "--seed", "7"]) == 0
+    result = train(tiny_config(train={"epochs": 1}), None, tmp_path / "run", split_file=tmp_path / "s.csv")
+    assert (tmp_path / "run" / "split.csv").read_text() != ""
+    assert result.best_epoch == 1
+
+
+def test_bad_checkpoints(tmp_path, ct_dir):
+    with pytest.raises(FileNotFoundError):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="junk.pt: not a readable checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+    torch.save({"weights": torch.zeros(2)}, tmp_path / "other.pt")
+    with pytest.raises(CheckpointError, match="not a covidscan checkpoint"):
+        load_checkpoint(tmp_path / "other.pt")
+    result = train(tiny_config(train={"epochs": 1}, data={"task": "ct"}), ct_dir, tmp_path / "ct")
+    data = result.best_checkpoint.read_bytes()
+    (tmp_path / "trunc.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="trunc.pt"):
+        load_checkpoint(tmp_path / "trunc.pt")
+    with pytest.raises(CheckpointError, match="task 'ct', not 'xray'"):
+        load_checkpoint(result.best_checkpoint, task="xray")
+
+
+def test_atomic_save_keeps_old_file_on_failure(tmp_path, monkeypatch):
+    path = save_checkpoint(tmp_path / "c.pt", {"w": torch.ones(1)}, {"task": "xray"})
+    before = path.read_bytes()
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(path, {"w": torch.zeros(1)}, {"task": "xray"})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]
+
+
+def test_config_overrides_and_errors(tmp_path):
+    cfg = load_config(
+        REPO / "configs" / "xray_new_densenet.yaml",
+        [
+            "train.epochs=3",
+            "model.backbone=densenet121",
+            "model.head=paper",
+            "model.weights=none",
+            "data.image_size=128",
+            "train.batch_size=16",
+        ],
+    )
+    assert (cfg.train.epochs, cfg.model.head, cfg.data.image_size, cfg.train.lr) == (3, "paper", 128, 1e-4)
+    with pytest.raises(ValueError, match="unknown key"):
+        load_config(None, ["train.epochz=3"])
+    with pytest.raises(ValueError, match="expected an integer"):
+        load_config(None, ["train.epochs=three"])
+    with pytest.raises(ValueError, match="unknown backbone"):
+        load_config(None, ["model.backbone=vgg"])
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
+def test_recipes_load(recipe):
+    cfg = load_config(REPO / "configs" / recipe)
+    if recipe.split("_")[0] in ("xray", "ct") and "generalise" not in recipe:
+        assert (cfg.train.lr, cfg.train.epochs, cfg.data.image_size) == (1e-4, 50, 224)
+
+
+def test_cli_train_and_resume(tmp_path, capsys):
+    from covidscan.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
+    args = [
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        "--quiet",
+        "--set",
+        "model.weights=none",
+        "--set",
+        "model.backbone=efficientnet_lite0",
+        "--set",
+        "data.image_size=48",
+        "--set",
+        "train.epochs=1",
+    ]
+    assert main(args) == 0
+    assert "best epoch 1" in capsys.readouterr().out
+    saved = load_config(tmp_path / "run" / "config.yaml")
+    assert saved.data.image_size == 48
+    assert main(["train", "--out", str(tmp_path / "nothing"), "--resume"]) == 2
+    assert "last.pt" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "xray").is_dir(), reason="../shared/data is not beside this checkout")
+@pytest.mark.parametrize(
+    "recipe", ["xray_densenet", "xray_inception_v3", "xray_new_densenet", "ct_densenet", "ct_inception_v3", "ct_new_densenet"]
+)
+def test_paper_recipes_one_epoch_on_shared_subset(recipe, tmp_path):
+    """Each of the paper's six recipes trains one epoch on a real subset (small images, few batches)."""
+    task = recipe.split("_")[0]
+    cfg = load_config(
+        REPO / "configs" / f"{recipe}.yaml",
+        [
+            "train.epochs=1",
+            "train.max_batches=2",
+            "train.batch_size=4",
+            "data.image_size=96",
+            "model.weights=none" if "densenet" in recipe else "model.weights=imagenet",
+        ],
+    )
+    import csv
+
+    rows = list(csv.DictReader(open(SHARED_DATA / task / "manifest.csv")))
+    keep = [r for i, r in enumerate(rows) if i % 25 == 0]
+    for r in keep:
+        r["file"] = str(SHARED_DATA / task / r["file"])
+    sub = tmp_path / "subset.csv"
+    with open(sub, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(keep)
+    result = train(cfg, sub, tmp_path / "run")
+    assert result.best_checkpoint.is_file() and result.history[0]["val_loss"] > 0
+    meta = load_checkpoint(result.best_checkpoint, task=task)["meta"]
+    assert meta["weights_source"].startswith("none" if "densenet" in recipe else "imagenet")
+
+
+def test_ddp_two_processes_on_cpu(tmp_path):
+    """torchrun --nproc_per_node=2 (gloo) trains and agrees with single-process training."""
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    common = [
+        "--data",
+        str(data),
+        "--quiet",
+        "--set",
+        "model.weights=none",
+        "--set",
+        "model.backbone=efficientnet_lite0",
+        "--set",
+        "data.image_size=48",
+        "--set",
+        "train.epochs=2",
+        "--set",
+        "augment.enabled=false",
+        "--set",
+        "train.batch_size=4",
+        "--set",
+        "data.cache_dir=",
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--standalone",
+        "-m",
+        "covidscan",
+        "train",
+        "--out",
+        str(tmp_path / "ddp"),
+        *common,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert main_single(tmp_path, common) == 0
+    ddp = [json.loads(line) for line in (tmp_path / "ddp" / "history.jsonl").read_text().splitlines()]
+    one = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
+    assert len(ddp) == len(one) == 2
+    # same data, same initialisation: validation loss after 2 epochs agrees within tolerance
+    assert abs(ddp[-1]["val_loss"] - one[-1]["val_loss"]) < 0.35
+    a = load_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]["head.fc.weight"]
+    b = load_checkpoint(tmp_path / "one" / "last.pt")["state_dict"]["head.fc.weight"]
+    assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.5
+
+
+def main_single(tmp_path, common) -> int:
+    from covidscan.cli import main
+
+    # the single process sees the same effective batch (2 processes x 4 = 8)
+    return main(
+        ["train", "--out", str(tmp_path / "one"), *[c.replace("train.batch_size=4", "train.batch_size=8") for c in common]]
+    )
