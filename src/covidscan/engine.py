@@ -196,6 +196,8 @@ def _fit(
 
     if cfg.model.freeze_backbone:
         model.backbone.requires_grad_(False)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model.to(device)
     if device.type == "cuda" and cfg.train.channels_last:
         model.to(memory_format=torch.channels_last)
