@@ -45,7 +45,123 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def _expand(paths: list[Path]) -> list[Path]:
+    from covidscan.data.io import is_image_file
+
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and is_image_file(f))
+        else:
+            out.append(p)
+    return out
+
+
+def cmd_predict(args) -> int:
+    import csv
+    import json
+    import sys
+
+    from covidscan.data.io import ImageReadError
+    from covidscan.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    names = predictor.class_names
+    results, failed = [], 0
+    for path in _expand(args.paths):
+        try:
+            pred = predictor.predict(path)
+        except (ImageReadError, FileNotFoundError) as exc:
+            failed += 1
+            print(f"covidscan: error: {exc}", file=sys.stderr)
+            continue
+        for w in pred.warnings:
+            print(f"covidscan: warning: {path}: {w}", file=sys.stderr)
+        results.append(pred.to_dict())
+    if args.json:
+        print(json.dumps(results, indent=2))
+    elif args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["file", "label", *names, "warnings"])
+        for r in results:
+            w.writerow([r["source"], r["label"], *(f"{r['probabilities'][n]:.6f}" for n in names), "; ".join(r["warnings"])])
+    else:
+        width = max([len(r["source"]) for r in results] + [4])
+        print(f"{'file':<{width}}  {'label':<10} " + " ".join(f"{n:>10}" for n in names))
+        for r in results:
+            print(f"{r['source']:<{width}}  {r['label']:<10} " + " ".join(f"{r['probabilities'][n]:>10.4f}" for n in names))
+    if failed:
+        print(f"covidscan: {failed} file(s) could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_explain(args) -> int:
+    from covidscan.data import read_image
+    from covidscan.explain import save_overlay
+    from covidscan.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    scan = read_image(args.image)
+    cam, cls = predictor.explain(scan, args.target)
+    pred = predictor.predict_scan(scan, str(args.image))
+    title = f"Grad-CAM for {cls} (p={pred.probabilities[cls]:.2f}); predicted {pred.label}"
+    save_overlay(args.out, scan.pixels, cam, title)
+    print(f"{title}\nwrote {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from covidscan.inference import Predictor
+    from covidscan.serve import create_app
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    app = create_app(predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from covidscan.export import export_checkpoint
+
+    diff = export_checkpoint(args.checkpoint, args.onnx, opset=args.opset)
+    print(f"wrote {args.onnx}; max |onnxruntime - pytorch| = {diff:.2e} on a random batch")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("predict", help="class probabilities for image files / folders (PNG, JPEG, DICOM)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("paths", type=Path, nargs="+")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true")
+    g.add_argument("--csv", action="store_true")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlay for the predicted (or --class) class")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("image", type=Path)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="web API and upload page (FastAPI)")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--onnx", type=Path, required=True)
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("evaluate", help="metrics with 95% CIs, calibration, ROC, report.md (internal or external data)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("--data", type=Path, nargs="+", help="dataset(s) to evaluate in full (external validation)")

@@ -226,7 +226,9 @@ def _fit(
         history = list(ts["history"])
         logger.info("resuming %s at epoch %d", out, start_epoch)
 
+    reference = appearance_reference(store.images[[pos[i] for i in tr_idx if store.valid[pos[i]]]])
     meta_base = {
+        "reference": reference,
         "task": index.task,
         "class_names": list(index.class_names),
         "backbone": cfg.model.backbone,
@@ -363,6 +365,31 @@ def _fit(
         seconds=time.perf_counter() - t_start,
         history=history,
     )
+
+
+THUMB = 16  # side of the appearance thumbnails used to flag inputs unlike the training scans
+
+
+def thumbnails(images: torch.Tensor) -> torch.Tensor:
+    """``N x 1 x S x S`` uint8 -> ``N x THUMB*THUMB`` float, each row centred and scaled to unit norm."""
+    t = F.adaptive_avg_pool2d(images.float(), THUMB).flatten(1)
+    t = t - t.mean(1, keepdim=True)
+    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
+
+
+def appearance_reference(images: torch.Tensor) -> dict:
+    """Mean training thumbnail and the 1st percentile of training images' correlation with it.
+
+    At prediction time an input whose correlation falls below that percentile (e.g. a CT
+    slice given to an X-ray model) gets a warning; see ``covidscan.inference``.
+    """
+    if len(images) == 0:
+        return {}
+    th = thumbnails(images)
+    mean = th.mean(0)
+    mean = mean / mean.norm().clamp_min(1e-6)
+    corr = th @ mean
+    return {"thumb": mean.tolist(), "corr_p01": float(torch.quantile(corr, 0.01)), "side": THUMB}
 
 
 def _cpu_state(model) -> dict:

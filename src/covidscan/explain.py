@@ -1,0 +1,82 @@
+"""Grad-CAM (Selvaraju et al. 2017) by hooking the backbone spec's ``cam_layer``.
+
+The map is ``ReLU(sum_k w_k A_k)`` with ``w_k`` the spatial mean of the class score's
+gradient with respect to feature map ``A_k``, resized to the image and scaled to [0, 1].
+The hooked layer's output is never modified in place (DenseNet's adapter uses a plain
+ReLU) and InceptionV3 has no auxiliary output (dropped in its adapter), so one
+implementation serves every registered backbone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def grad_cam(
+    model, x: torch.Tensor, class_index: int | None = None, size: tuple[int, int] | None = None
+) -> tuple[np.ndarray, int]:
+    """Return ``(cam, class_index)``; ``x`` is ``1 x 3 x S x S``; ``cam`` is ``H x W`` float32 in [0, 1]."""
+    layer_name = model.spec.cam_layer
+    try:
+        layer = model.get_submodule(layer_name)
+    except AttributeError:
+        raise ValueError(f"Grad-CAM layer {layer_name!r} not found in {model.spec.name}") from None
+    store: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _inp, out):
+        store["act"] = out
+        out.register_hook(lambda g: store.__setitem__("grad", g))
+
+    handle = layer.register_forward_hook(hook)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.enable_grad():
+            logits = model(x)
+            k = int(logits.argmax(1).item()) if class_index is None else int(class_index)
+            model.zero_grad(set_to_none=True)
+            logits[0, k].backward()
+    finally:
+        handle.remove()
+        model.train(was_training)
+    act, grad = store["act"].detach(), store["grad"].detach()  # 1 x C x h x w
+    weights = grad.mean(dim=(2, 3), keepdim=True)
+    cam = F.relu((weights * act).sum(1, keepdim=True))  # 1 x 1 x h x w
+    out_size = size or tuple(x.shape[-2:])
+    cam = F.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[0, 0]
+    top = cam.max()
+    cam = cam / top if top > 0 else cam
+    return cam.clamp(0, 1).cpu().numpy().astype(np.float32), k
+
+
+def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
+    """RGB uint8 ``H x W x 3``: the scan in gray with the heat map (jet) blended on top."""
+    import matplotlib
+
+    g = gray if gray.ndim == 2 else gray.mean(2)
+    base = np.repeat(g[..., None], 3, axis=2)
+    heat = matplotlib.colormaps["jet"](cam)[..., :3]
+    return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
+
+
+def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str = "") -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 5 * gray.shape[0] / gray.shape[1] + 0.3))
+    ax.imshow(overlay(gray, cam))
+    ax.set_axis_off()
+    if title:
+        ax.set_title(title, fontsize=9)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path

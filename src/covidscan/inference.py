@@ -1,0 +1,118 @@
+"""``Predictor``: checkpoint -> preprocessing -> class probabilities (+ Grad-CAM heat map).
+
+Preprocessing comes from the checkpoint only (input size, normalisation, channel policy),
+so prediction can never disagree with training. Inputs that do not look like what the
+model was trained on get warnings (they are heuristics, not a guarantee):
+
+* a colour photograph (channels differ);
+* a nearly uniform, or extremely dark or bright, image;
+* an image whose 16 x 16 appearance correlates with the mean training scan less than 99%
+  of the training scans did (a CT slice given to an X-ray model, say).
+
+A Predictor is safe to share between threads: forward passes run under a lock.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.data.io import ScanImage, read_bytes, read_image
+from covidscan.data.transforms import Preprocess, to_gray_uint8, to_input
+
+
+@dataclass
+class Prediction:
+    probabilities: dict[str, float]
+    label: str
+    warnings: list[str] = field(default_factory=list)
+    source: str = ""
+
+    def to_dict(self) -> dict:
+        return {"source": self.source, "label": self.label, "probabilities": self.probabilities, "warnings": self.warnings}
+
+
+class Predictor:
+    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu"):
+        self.meta = meta
+        self.class_names: list[str] = list(meta["class_names"])
+        self.pre = Preprocess.from_dict(meta["preprocess"])
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self._lock = threading.Lock()
+
+    @classmethod
+    def from_checkpoint(cls, path: str | Path, *, device: str = "auto") -> Predictor:
+        from covidscan.engine import resolve_device
+
+        obj = load_checkpoint(path)
+        model, meta = model_from_checkpoint(obj, path)
+        return cls(model, meta, str(resolve_device(device)))
+
+    @property
+    def task(self) -> str:
+        return self.meta["task"]
+
+    def tensor(self, scan: ScanImage) -> torch.Tensor:
+        """The model input for ``scan``: ``1 x 3 x S x S`` float32."""
+        return to_input(to_gray_uint8(scan, self.pre.image_size), self.pre)[None]
+
+    def check(self, scan: ScanImage) -> list[str]:
+        warns = []
+        px = scan.pixels
+        if scan.is_color and float(np.abs(px - px.mean(2, keepdims=True)).mean()) > 0.03:
+            warns.append("colour image: this looks like a photograph, not a radiograph or CT slice")
+        g = px if px.ndim == 2 else px.mean(2)
+        if float(g.std()) < 0.02:
+            warns.append("nearly uniform image: values barely vary")
+        elif float(g.mean()) < 0.03 or float(g.mean()) > 0.97:
+            warns.append(f"values out of the usual range (mean intensity {float(g.mean()):.2f})")
+        ref = self.meta.get("reference") or {}
+        if ref.get("thumb"):
+            from covidscan.engine import thumbnails
+
+            th = thumbnails(to_gray_uint8(scan, self.pre.image_size)[None])[0]
+            corr = float(th @ torch.tensor(ref["thumb"]))
+            if corr < ref["corr_p01"]:
+                other = "CT" if self.task == "xray" else "X-ray"
+                warns.append(
+                    f"does not look like the {self.task} scans this model was trained on "
+                    f"(appearance correlation {corr:.2f} < {ref['corr_p01']:.2f}); a {other} image?"
+                )
+        return warns
+
+    @torch.no_grad()
+    def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        with self._lock:
+            return self.model(x.to(self.device)).float().softmax(1).cpu().numpy()
+
+    def predict_scan(self, scan: ScanImage, source: str = "") -> Prediction:
+        p = self.probabilities(self.tensor(scan))[0]
+        k = int(p.argmax())
+        return Prediction(
+            {n: float(v) for n, v in zip(self.class_names, p)}, self.class_names[k], self.check(scan), source or str(scan.path)
+        )
+
+    def predict(self, path: str | Path) -> Prediction:
+        return self.predict_scan(read_image(path), str(path))
+
+    def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
+        return self.predict_scan(read_bytes(data, name), name)
+
+    def explain(self, scan: ScanImage, class_name: str | None = None) -> tuple[np.ndarray, str]:
+        """Grad-CAM map (``H x W`` of the scan, in [0, 1]) for ``class_name`` (default: predicted)."""
+        from covidscan.explain import grad_cam
+
+        x = self.tensor(scan).to(self.device)
+        if class_name is not None and class_name not in self.class_names:
+            raise ValueError(f"unknown class {class_name!r}; choose one of {', '.join(self.class_names)}")
+        with self._lock:
+            cam, k = grad_cam(
+                self.model, x, None if class_name is None else self.class_names.index(class_name), size=(scan.height, scan.width)
+            )
+        return cam, self.class_names[k]

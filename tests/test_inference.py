@@ -1,0 +1,192 @@
+import json
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from covidscan.cli import main
+from covidscan.data import read_image
+from covidscan.data.transforms import Preprocess, to_gray_uint8, to_input
+from covidscan.explain import grad_cam
+from covidscan.inference import Predictor
+from covidscan.models import build_model, list_backbones
+from tests.conftest import chest_like, write_dicom
+
+
+@pytest.fixture(scope="module")
+def predictor(trained_run):
+    result, _ = trained_run
+    return Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+
+
+def test_predict_equals_model_forward(predictor, trained_run):
+    _, data = trained_run
+    path = next((data / "covid").glob("*.png"))
+    pred = predictor.predict(path)
+    pre = Preprocess.from_dict(predictor.meta["preprocess"])
+    x = to_input(to_gray_uint8(read_image(path), pre.image_size), pre)[None]
+    with torch.no_grad():
+        ref = predictor.model(x).softmax(1)[0].numpy()
+    np.testing.assert_allclose([pred.probabilities[n] for n in predictor.class_names], ref, atol=1e-6)
+    assert pred.label == predictor.class_names[int(ref.argmax())]
+    assert abs(sum(pred.probabilities.values()) - 1) < 1e-5
+    assert pred.warnings == []
+
+
+def test_warnings_for_unlike_inputs(predictor, tmp_path):
+    rng = np.random.default_rng(0)
+    photo = (rng.uniform(size=(48, 48, 3)) * 255).astype(np.uint8)
+    Image.fromarray(photo, mode="RGB").save(tmp_path / "photo.png")
+    assert any("colour" in w for w in predictor.predict(tmp_path / "photo.png").warnings)
+    Image.fromarray(np.full((48, 48), 128, np.uint8)).save(tmp_path / "flat.png")
+    assert any("uniform" in w for w in predictor.predict(tmp_path / "flat.png").warnings)
+    inverted = ((1 - chest_like(48, 1)) * 255).astype(np.uint8)  # bright lungs on dark: unlike every training scan
+    Image.fromarray(inverted).save(tmp_path / "inverted.png")
+    assert any("does not look like" in w for w in predictor.predict(tmp_path / "inverted.png").warnings)
+
+
+def test_cli_predict_formats_and_bad_file(trained_run, tmp_path, capsys):
+    result, data = trained_run
+    (tmp_path / "in").mkdir()
+    good = sorted((data / "normal").glob("*.png"))[:2]
+    for g in good:
+        (tmp_path / "in" / g.name).write_bytes(g.read_bytes())
+    (tmp_path / "in" / "broken.png").write_text("not an image")
+    write_dicom(tmp_path / "in" / "scan.dcm", (chest_like(48, 3) * 4000).astype(np.uint16), photometric="MONOCHROME1")
+    rc = main(["predict", "--checkpoint", str(result.best_checkpoint), str(tmp_path / "in"), "--json"])
+    out, err = capsys.readouterr()
+    assert rc == 1  # one file failed
+    rows = json.loads(out)
+    assert len(rows) == 3 and {r["source"].split("/")[-1] for r in rows} == {g.name for g in good} | {"scan.dcm"}
+    assert sum("broken.png" in line for line in err.splitlines() if "error" in line) == 1
+    rc = main(["predict", "--checkpoint", str(result.best_checkpoint), str(good[0]), "--csv"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert rc == 0 and lines[0].startswith("file,label,covid,pneumonia,normal") and len(lines) == 2
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_grad_cam_every_backbone(backbone):
+    torch.manual_seed(0)
+    model, _ = build_model(backbone, "linear", 3)
+    model.eval()
+    size = 96 if backbone == "inception_v3" else 64
+    x = torch.randn(1, 3, size, size)
+    cams = [grad_cam(model, x, k, size=(50, 70))[0] for k in range(3)]
+    for cam in cams:
+        assert cam.shape == (50, 70) and np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
+    assert not np.allclose(cams[0], cams[1]) or not np.allclose(cams[1], cams[2])
+
+
+def test_explain_cli(trained_run, tmp_path, capsys):
+    result, data = trained_run
+    img = next((data / "covid").glob("*.png"))
+    assert (
+        main(
+            [
+                "explain",
+                "--checkpoint",
+                str(result.best_checkpoint),
+                str(img),
+                "--out",
+                str(tmp_path / "cam.png"),
+                "--class",
+                "normal",
+            ]
+        )
+        == 0
+    )
+    assert "Grad-CAM for normal" in capsys.readouterr().out
+    assert Image.open(tmp_path / "cam.png").size[0] > 100
+    assert (
+        main(
+            ["explain", "--checkpoint", str(result.best_checkpoint), str(img), "--out", str(tmp_path / "c.png"), "--class", "flu"]
+        )
+        == 2
+    )
+
+
+@pytest.fixture(scope="module")
+def client(predictor):
+    from fastapi.testclient import TestClient
+
+    from covidscan.serve import create_app
+
+    return TestClient(create_app(predictor, max_upload_bytes=200_000))
+
+
+def _png_bytes(seed=0) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    Image.fromarray((chest_like(48, seed) * 255).astype(np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_api_predict_health_openapi(client, predictor):
+    r = client.get("/health")
+    assert r.status_code == 200 and r.json()["classes"] == predictor.class_names
+    r = client.post("/predict?heatmap=true&target=covid", files={"file": ("scan.png", _png_bytes(), "image/png")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert set(body["probabilities"]) == set(predictor.class_names)
+    assert body["heatmap"]["class"] == "covid" and len(body["heatmap"]["png_base64"]) > 100
+    assert "/predict" in client.get("/openapi.json").json()["paths"]
+    assert "Research use only" in client.get("/").text
+
+
+def test_api_rejects_bad_uploads(client):
+    r = client.post("/predict", files={"file": ("x.png", b"hello, I am text" * 10, "image/png")})
+    assert r.status_code == 415 and "x.png" in r.json()["detail"]
+    r = client.post("/predict", files={"file": ("big.png", b"\0" * 300_000, "image/png")})
+    assert r.status_code == 413
+    r = client.post("/predict", files={"file": ("e.png", b"", "image/png")})
+    assert r.status_code == 400
+    r = client.post("/predict?target=flu", files={"file": ("s.png", _png_bytes(), "image/png")})
+    assert r.status_code == 422
+
+
+def test_api_dicom_upload(client, tmp_path):
+    path = write_dicom(tmp_path / "u.bin", (chest_like(48, 5) * 3000).astype(np.uint16))
+    r = client.post("/predict", files={"file": ("scan.png", path.read_bytes(), "application/octet-stream")})
+    assert r.status_code == 200, r.text
+
+
+def test_api_concurrent_uploads_match_sequential(client, predictor):
+    payloads = [_png_bytes(seed) for seed in range(8)]
+    expected = [predictor.predict_bytes(p).probabilities for p in payloads]
+
+    def call(i):
+        return client.post("/predict", files={"file": (f"{i}.png", payloads[i], "image/png")}).json()["probabilities"]
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        got = list(pool.map(call, range(8)))
+    for g, e in zip(got, expected):
+        assert g == pytest.approx(e, abs=1e-6)
+
+
+@pytest.mark.parametrize("backbone", list_backbones())
+def test_onnx_parity_every_backbone(backbone, tmp_path):
+    from covidscan.export import export_onnx
+
+    torch.manual_seed(0)
+    model, _ = build_model(backbone, "paper", 3)
+    size = 96 if backbone == "inception_v3" else 64
+    meta = {
+        "class_names": ["covid", "pneumonia", "normal"],
+        "preprocess": {"image_size": size},
+        "task": "xray",
+        "backbone": backbone,
+    }
+    diff = export_onnx(model, meta, tmp_path / "m.onnx")
+    assert diff <= 1e-4 and (tmp_path / "m.onnx").stat().st_size > 10_000
+
+
+def test_export_cli(trained_run, tmp_path, capsys):
+    result, _ = trained_run
+    assert main(["export", "--checkpoint", str(result.best_checkpoint), "--onnx", str(tmp_path / "m.onnx")]) == 0
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
+    assert json.loads(props["covidscan_class_names"]) == ["covid", "pneumonia", "normal"]
