@@ -258,3 +258,16 @@ def main_single(tmp_path, common) -> int:
     return main(
         ["train", "--out", str(tmp_path / "one"), *[c.replace("train.batch_size=4", "train.batch_size=8") for c in common]]
     )
+
+
+def test_frozen_feature_cache_equals_full_loop(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    base = dict(model={"freeze_backbone": True, "head": "paper"}, train={"epochs": 2, "batch_size": 4})
+    fast = train(tiny_config(**base), data, tmp_path / "fast")
+    slow_cfg = tiny_config(model=base["model"], train={**base["train"], "feature_cache": False})
+    slow = train(slow_cfg, data, tmp_path / "slow")
+    a = load_checkpoint(fast.last_checkpoint)["state_dict"]
+    b = load_checkpoint(slow.last_checkpoint)["state_dict"]
+    for k in a:
+        assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
+    assert [h["val_loss"] for h in fast.history] == pytest.approx([h["val_loss"] for h in slow.history], abs=1e-4)

@@ -33,8 +33,9 @@ def main() -> None:
         arr = to_gray_uint8(read_image(rec.path), args.size)[0].numpy()
         Image.fromarray(arr, mode="L").save(args.out / rel, quality=args.quality)
         row = dict(rec.row) if rec.row else {}
-        row.update(file=str(rel), label=rec.label, group_id=rec.group_id or "", patient_id=rec.patient_id or "",
-                   source=rec.source)
+        row.update(
+            file=str(rel), label=rec.label, group_id=rec.group_id or "", patient_id=rec.patient_id or "", source=rec.source
+        )
         rows.append(row)
     cols = list(dict.fromkeys(k for r in rows for k in r))
     with open(args.out / "manifest.csv", "w", newline="") as fh:

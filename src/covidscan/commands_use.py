@@ -130,7 +130,70 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_probe(args) -> int:
+    import json
+
+    from covidscan.probe import probe, probe_markdown
+
+    r = probe(args.checkpoint, args.data, split_file=args.split, subset=args.subset)
+    md = probe_markdown(r)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "probe.md").write_text(md)
+        (args.out / "probe.json").write_text(json.dumps(r, indent=2))
+    return 0
+
+
+def cmd_card(args) -> int:
+    from covidscan.card import model_card
+
+    md = model_card(args.checkpoint, metrics=args.metrics, probe=args.probe)
+    if args.out:
+        args.out.write_text(md)
+        print(f"wrote {args.out}")
+    else:
+        print(md)
+    return 0
+
+
+def cmd_loso(args) -> int:
+    from covidscan.config import load_config
+    from covidscan.loso import leave_one_source_out
+
+    cfg = load_config(args.config, args.set)
+    res = leave_one_source_out(cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet)
+    print((Path(args.out) / "loso.md").read_text())
+    del res
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("loso", help="leave-one-source-out: train on all sources but one, test on the one left out")
+    p.add_argument("--config", type=Path)
+    p.add_argument("--data", type=Path, nargs="+", required=True)
+    p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--sources", nargs="+", help="only these left-out sources (default: each in turn)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--bootstrap", type=int, default=500)
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(func=cmd_loso)
+
+    p = sub.add_parser("probe", help="shortcut probe: accuracy with the lungs masked out, and with only the lungs")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--data", type=Path, nargs="+")
+    p.add_argument("--split", type=Path)
+    p.add_argument("--subset", choices=["train", "val", "test"], default="test")
+    p.add_argument("--out", type=Path, help="folder for probe.md / probe.json")
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
+    p.add_argument("--checkpoint", type=Path, required=True)
+    p.add_argument("--metrics", type=Path, help="metrics.json from covidscan evaluate")
+    p.add_argument("--probe", type=Path, help="probe.json from covidscan probe --out")
+    p.add_argument("--out", type=Path)
+    p.set_defaults(func=cmd_card)
+
     p = sub.add_parser("predict", help="class probabilities for image files / folders (PNG, JPEG, DICOM)")
     p.add_argument("--checkpoint", type=Path, required=True)
     p.add_argument("paths", type=Path, nargs="+")

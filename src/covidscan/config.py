@@ -24,6 +24,8 @@ class DataConfig:
     split_seed: int = 0
     cache: bool = True  # decode + resize every image once, keep the uint8 result for later epochs
     cache_dir: str = "auto"  # on-disk cache folder; "auto" = user cache (~/.cache/covidscan); "" = memory only
+    equalize: bool = False  # histogram equalisation (contrast normalisation); stored in the checkpoint
+    crop: float = 0.0  # fraction cut from each border before resizing (text, markers); stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
 
 
@@ -36,6 +38,8 @@ class AugmentConfig:
     zoom: float = 0.1  # scale uniform in [1 - zoom, 1 + zoom]
     shift: float = 0.1  # translation up to this fraction of the side, both axes
     hflip: float = 0.5  # probability of a horizontal flip
+    brightness: float = 0.0  # intensity augmentation: brightness factor in [1 - b, 1 + b]
+    contrast: float = 0.0  # contrast factor in [1 - c, 1 + c]
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,14 @@ class TrainConfig:
     early_stopping: int = 0  # stop after this many epochs without validation improvement; 0 = off
     monitor: str = "val_loss"  # val_loss | val_acc: what selects the best epoch (never test)
     class_weights: bool = False  # weight the loss by inverse class frequency in train
+    sampler: str = "plain"  # plain (shuffle) | balanced (equal draws per label x source cell)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
     cpu_bf16: bool = False  # bf16 autocast on CPU
     channels_last: bool = True  # NHWC memory format on CUDA
     max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
+    feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
 
 
 @dataclass(frozen=True)
@@ -178,6 +184,10 @@ def validate(cfg: Config) -> None:
         raise ValueError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
     if cfg.model.head not in ("linear", "paper"):
         raise ValueError(f"model.head={cfg.model.head!r}; choose linear or paper")
+    if cfg.train.sampler not in ("plain", "balanced"):
+        raise ValueError(f"train.sampler={cfg.train.sampler!r}; choose plain or balanced")
+    if not 0 <= cfg.data.crop < 0.5:
+        raise ValueError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
     if cfg.train.monitor not in ("val_loss", "val_acc"):
         raise ValueError(f"train.monitor={cfg.train.monitor!r}; choose val_loss or val_acc")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:

@@ -25,12 +25,12 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, RandomSampler
+from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
 from covidscan.checkpoint import library_versions, load_checkpoint, save_checkpoint
 from covidscan.config import Config, config_from_dict, save_config
 from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
-from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir
+from covidscan.data.dataset import ImageStore, ScanDataset, balanced_weights, default_cache_dir
 from covidscan.data.transforms import Preprocess, build_augment
 from covidscan.models import build_model
 
@@ -182,11 +182,11 @@ def _fit(
     cfg, model, weights_source, split, out, device, state, progress, stop_after_epoch, distributed, rank, is_main, t_start
 ) -> TrainResult:
     index = split.index
-    pre = Preprocess.for_backbone(model.spec, cfg.data.image_size)
+    pre = Preprocess.for_backbone(model.spec, cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop)
     targets = index.targets()
     tr_idx, va_idx = split.indices("train"), split.indices("val")
     need = sorted(set(tr_idx) | set(va_idx))
-    store = ImageStore([index.records[i] for i in need], pre.image_size, cache_dir=_cache_dir(cfg), progress=progress and is_main)
+    store = ImageStore([index.records[i] for i in need], pre, cache_dir=_cache_dir(cfg), progress=progress and is_main)
     pos = {i: k for k, i in enumerate(need)}  # dataset index -> store row
     store_targets = [targets[i] for i in need]
     train_ds = ScanDataset(store, [pos[i] for i in tr_idx], store_targets, pre, build_augment(cfg.augment, pre.image_size))
@@ -209,6 +209,17 @@ def _fit(
         class_w = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
 
     net = model
+    fast = cfg.model.freeze_backbone and cfg.train.feature_cache and not cfg.augment.enabled and not distributed
+    if cfg.model.freeze_backbone and cfg.train.feature_cache and cfg.augment.enabled:
+        logger.info("feature cache off: augmentation changes the backbone's input every epoch")
+    if fast:
+        # Frozen backbone (eval mode, no gradients) and fixed inputs: its output is the same every
+        # epoch, so compute it once and train the head on it. Same batches, same dropout draws:
+        # equivalent to the full loop up to float rounding.
+        train_ds = FeatureDataset(_features(model, train_ds, device, cfg), train_ds)
+        val_ds = FeatureDataset(_features(model, val_ds, device, cfg), val_ds)
+        net = model.head
+        loader_kw["num_workers"] = 0
     if distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -242,6 +253,8 @@ def _fit(
         "grouping": index.grouping,
         "train_counts": split.counts(),
         "sources": sorted({r.source for r in index.records}),
+        "class_sources": index.sources(),
+        "data_origins": [str(o) for o in index.origins],
         "versions": library_versions(),
     }
     ctx = lambda: autocast_for(device, cfg)  # noqa: E731
@@ -258,6 +271,10 @@ def _fit(
 
             sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.train.seed)
             sampler.set_epoch(epoch)
+        elif cfg.train.sampler == "balanced":
+            recs = [index.records[need[i]] for i in train_ds.indices]
+            w = balanced_weights([r.label for r in recs], [r.source for r in recs])
+            sampler = WeightedRandomSampler(w, num_samples=len(train_ds), replacement=True, generator=gen)
         else:
             sampler = RandomSampler(train_ds, generator=gen)
         loader = DataLoader(
@@ -281,7 +298,7 @@ def _fit(
             if cfg.train.max_batches and b >= cfg.train.max_batches:
                 break
             x = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.train.channels_last:
+            if device.type == "cuda" and cfg.train.channels_last and not fast:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["label"].to(device, non_blocking=True)
             with ctx():
@@ -304,7 +321,7 @@ def _fit(
         stop = torch.zeros(1)
         if is_main:
             val_loader = DataLoader(val_ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
-            probs, ys, _, val_loss = predict_loader(model, val_loader, device, ctx)
+            probs, ys, _, val_loss = predict_loader(net if fast else model, val_loader, device, ctx)
             val_acc = float((probs.argmax(1) == ys).mean()) if len(ys) else 0.0
             row = {
                 "epoch": epoch,
@@ -390,6 +407,35 @@ def appearance_reference(images: torch.Tensor) -> dict:
     mean = mean / mean.norm().clamp_min(1e-6)
     corr = th @ mean
     return {"thumb": mean.tolist(), "corr_p01": float(torch.quantile(corr, 0.01)), "side": THUMB}
+
+
+class FeatureDataset(torch.utils.data.Dataset):
+    """Backbone outputs (``N x C x h x w``) standing in for the images of ``base`` (same order, labels)."""
+
+    def __init__(self, features: torch.Tensor, base: ScanDataset):
+        self.features = features
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def labels(self) -> list[int]:
+        return self.base.labels()
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.base.indices[k]
+        return {"image": self.features[k], "label": self.base.targets[i], "index": i}
+
+
+@torch.no_grad()
+def _features(model, ds: ScanDataset, device, cfg) -> torch.Tensor:
+    model.backbone.eval()
+    loader = DataLoader(ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False)
+    out = []
+    for batch in loader:
+        with autocast_for(device, cfg):
+            out.append(model.backbone(batch["image"].to(device)).float())
+    return torch.cat(out) if out else torch.zeros(0)
 
 
 def _cpu_state(model) -> dict:

@@ -50,7 +50,7 @@ def predict_index(
 
     dev = resolve_device(device)
     pre = Preprocess.from_dict(meta["preprocess"])
-    store = store or ImageStore(index.records, pre.image_size, cache_dir=cache_dir, progress=progress)
+    store = store or ImageStore(index.records, pre, cache_dir=cache_dir, progress=progress)
     targets = [meta["class_names"].index(r.label) for r in index.records]
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)

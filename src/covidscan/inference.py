@@ -60,7 +60,7 @@ class Predictor:
 
     def tensor(self, scan: ScanImage) -> torch.Tensor:
         """The model input for ``scan``: ``1 x 3 x S x S`` float32."""
-        return to_input(to_gray_uint8(scan, self.pre.image_size), self.pre)[None]
+        return to_input(to_gray_uint8(scan, self.pre), self.pre)[None]
 
     def check(self, scan: ScanImage) -> list[str]:
         warns = []
@@ -76,7 +76,7 @@ class Predictor:
         if ref.get("thumb"):
             from covidscan.engine import thumbnails
 
-            th = thumbnails(to_gray_uint8(scan, self.pre.image_size)[None])[0]
+            th = thumbnails(to_gray_uint8(scan, self.pre)[None])[0]
             corr = float(th @ torch.tensor(ref["thumb"]))
             if corr < ref["corr_p01"]:
                 other = "CT" if self.task == "xray" else "X-ray"

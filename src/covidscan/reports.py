@@ -24,8 +24,12 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
 
     cfg = load_config(config, overrides or [])
     index = load_dataset(data, task or cfg.data.task if config else task)
-    size = cfg.data.image_size or get_backbone(cfg.model.backbone).input_size
-    aug = build_augment(cfg.augment, size)
+    from covidscan.data.transforms import Preprocess
+
+    pre = Preprocess.for_backbone(
+        get_backbone(cfg.model.backbone), cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop
+    )
+    aug = build_augment(cfg.augment, pre.image_size)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(index), size=min(n, len(index)), replace=False)
     cols = 6
@@ -35,7 +39,7 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
         torch.manual_seed(seed)
         for r, i in enumerate(picks):
             rec = index.records[i]
-            x = to_gray_uint8(read_image(rec.path), size)
+            x = to_gray_uint8(read_image(rec.path), pre)
             for c in range(cols):
                 img = x if c == 0 or aug is None else aug(x)
                 ax = axes[r, c]

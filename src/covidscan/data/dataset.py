@@ -47,14 +47,17 @@ class ImageStore:
     def __init__(
         self,
         records: list[Record],
-        size: int,
+        pre: Preprocess | int,
         *,
         cache_dir: str | Path | None = None,
         strict: bool = False,
         workers: int | None = None,
         progress: bool = False,
     ):
+        self.pre = pre
+        size = pre if isinstance(pre, int) else pre.image_size
         self.size = size
+        self.key_suffix = f"_{size}" if isinstance(pre, int) else f"_{pre.cache_key()}"
         self.cache_dir = Path(cache_dir) / f"v{PREPROCESS_VERSION}" if cache_dir else None
         self.records = records
         self.hits = 0
@@ -86,7 +89,7 @@ class ImageStore:
             logger.warning("%d of %d image(s) unreadable and skipped", len(self.skipped), n)
 
     def _key(self, data: bytes) -> str:
-        return hashlib.sha256(data).hexdigest() + f"_{self.size}"
+        return hashlib.sha256(data).hexdigest() + self.key_suffix
 
     def _load(self, rec: Record) -> torch.Tensor | ImageReadError:
         try:
@@ -106,7 +109,7 @@ class ImageStore:
                 except (OSError, ValueError):
                     logger.debug("cache entry %s unreadable; decoding again", entry)
         try:
-            img = to_gray_uint8(read_bytes(data, name=str(rec.path)), self.size)
+            img = to_gray_uint8(read_bytes(data, name=str(rec.path)), self.pre)
         except ImageReadError as exc:
             return exc
         if entry is not None:
@@ -148,3 +151,13 @@ class ScanDataset(Dataset):
         if self.augment is not None:
             x = self.augment(x)
         return {"image": to_input(x, self.pre), "label": self.targets[i], "index": i}
+
+
+def balanced_weights(labels: list, sources: list) -> torch.Tensor:
+    """Sampling weights giving every (label, source) cell of the training set the same share of draws."""
+    from collections import Counter
+
+    cells = list(zip(labels, sources))
+    count = Counter(cells)
+    w = torch.tensor([1.0 / count[c] for c in cells], dtype=torch.double)
+    return w / w.sum()

@@ -36,6 +36,12 @@ class Preprocess:
     channel_policy: str = "replicate"
     resize: str = "stretch"  # the paper's plain resize to a square
     version: int = PREPROCESS_VERSION
+    equalize: bool = False  # histogram equalisation after resizing (contrast normalisation across sources)
+    crop: float = 0.0  # fraction of width / height cut from each border before resizing (text, markers, borders)
+
+    def cache_key(self) -> str:
+        """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
+        return f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -49,11 +55,22 @@ class Preprocess:
             channel_policy=str(d.get("channel_policy", "replicate")),
             resize=str(d.get("resize", "stretch")),
             version=int(d.get("version", PREPROCESS_VERSION)),
+            equalize=bool(d.get("equalize", False)),
+            crop=float(d.get("crop", 0.0)),
         )
 
     @classmethod
-    def for_backbone(cls, spec, image_size: int = 0) -> Preprocess:
-        return cls(image_size=image_size or spec.input_size, mean=spec.mean, std=spec.std, channel_policy=spec.channel_policy)
+    def for_backbone(cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0) -> Preprocess:
+        if not 0 <= crop < 0.5:
+            raise ValueError(f"crop={crop}: must be in [0, 0.5)")
+        return cls(
+            image_size=image_size or spec.input_size,
+            mean=spec.mean,
+            std=spec.std,
+            channel_policy=spec.channel_policy,
+            equalize=equalize,
+            crop=crop,
+        )
 
 
 def gray(pixels: np.ndarray) -> np.ndarray:
@@ -63,12 +80,26 @@ def gray(pixels: np.ndarray) -> np.ndarray:
     return pixels @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
 
 
-def to_gray_uint8(scan: ScanImage | np.ndarray, size: int) -> torch.Tensor:
-    """Decoded scan -> ``1 x size x size`` uint8 tensor (gray, resized with antialiasing)."""
+def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.Tensor:
+    """Decoded scan -> ``1 x S x S`` uint8 tensor: gray, border crop, resize (antialiased), equalisation.
+
+    ``pre`` is a :class:`Preprocess` or just the side ``S`` (no crop, no equalisation).
+    Deterministic: the same scan always gives the same tensor.
+    """
+    size = pre if isinstance(pre, int) else pre.image_size
     pixels = scan.pixels if isinstance(scan, ScanImage) else scan
-    t = torch.from_numpy(np.ascontiguousarray(gray(pixels), dtype=np.float32))[None]  # 1 x H x W
+    g = gray(pixels)
+    crop = 0.0 if isinstance(pre, int) else pre.crop
+    if crop > 0:
+        h, w = g.shape
+        dy, dx = int(round(h * crop)), int(round(w * crop))
+        g = g[dy : h - dy, dx : w - dx]
+    t = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None]  # 1 x H x W
     t = TF.resize(t, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
-    return (t.clamp(0, 1) * 255).round().to(torch.uint8)
+    out = (t.clamp(0, 1) * 255).round().to(torch.uint8)
+    if not isinstance(pre, int) and pre.equalize:
+        out = TF.equalize(out)
+    return out
 
 
 def to_input(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
@@ -84,8 +115,12 @@ def build_augment(aug, image_size: int) -> v2.Transform | None:
     """The paper's augmentation on ``1 x S x S`` uint8 tensors; None when disabled."""
     if not aug.enabled:
         return None
+    intensity = []
+    if getattr(aug, "brightness", 0) or getattr(aug, "contrast", 0):
+        intensity = [v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None)]
     return v2.Compose(
         [
+            *intensity,
             v2.RandomAffine(
                 degrees=aug.rotation,
                 translate=(aug.shift, aug.shift) if aug.shift > 0 else None,

@@ -1,0 +1,146 @@
+"""Training throughput: covidscan's loop vs a plain torchvision loop, on CPU.
+
+    python benchmarks/train_throughput.py [--backbones densenet121 inception_v3] [--images 96] [--val 64]
+
+Plain reference, written the obvious way: an ImageFolder-style dataset that opens each file
+with PIL every time, ``transforms.Compose([Grayscale(3), Resize((224, 224)), RandomAffine,
+RandomHorizontalFlip, ToTensor, Normalize])``, ``torchvision.models.<name>`` with the last
+layer replaced, Adam 1e-4, fp32, default memory format. covidscan: ``covidscan.engine.train``
+with the same model, batch size, data and augmentation strengths (decode-once cache, plus
+whatever CPU options are switched on in its config). Both train one epoch on the same
+``--images`` training images and report images/s and accuracy on the same ``--val`` images.
+Absolute numbers on a shared 2-core machine are noisy: read the ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torchvision
+from PIL import Image
+from torch import nn
+from torchvision import transforms as T
+
+from covidscan.config import load_config
+from covidscan.engine import train
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray"
+CLASSES = ("covid", "pneumonia", "normal")
+
+
+def plain_loop(backbone: str, rows, val_rows, batch: int, size: int) -> tuple[float, float]:
+    norm = ((0.5,) * 3, (0.5,) * 3) if backbone == "inception_v3" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    aug = T.Compose(
+        [
+            T.Grayscale(3),
+            T.Resize((size, size)),
+            T.RandomAffine(10, (0.1, 0.1), (0.9, 1.1)),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(*norm),
+        ]
+    )
+    plain = T.Compose([T.Grayscale(3), T.Resize((size, size)), T.ToTensor(), T.Normalize(*norm)])
+
+    class Files(torch.utils.data.Dataset):
+        def __init__(self, items, tf):
+            self.items, self.tf = items, tf
+
+        def __len__(self):
+            return len(self.items)
+
+        def __getitem__(self, i):
+            path, label = self.items[i]
+            return self.tf(Image.open(path).convert("RGB")), label
+
+    if backbone == "inception_v3":
+        model = torchvision.models.inception_v3(weights=None, aux_logits=False, init_weights=True)
+        model.fc = nn.Linear(model.fc.in_features, 3)
+    else:
+        model = getattr(torchvision.models, backbone)(weights=None)
+        model.classifier = nn.Linear(model.classifier.in_features, 3)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4)
+    loader = torch.utils.data.DataLoader(Files(rows, aug), batch_size=batch, shuffle=True, drop_last=True)
+    model.train()
+    seen, t = 0, time.perf_counter()
+    for x, y in loader:
+        loss = nn.functional.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        seen += len(y)
+    ips = seen / (time.perf_counter() - t)
+    model.eval()
+    correct = 0
+    with torch.no_grad():
+        for x, y in torch.utils.data.DataLoader(Files(val_rows, plain), batch_size=32):
+            correct += (model(x).argmax(1) == y).sum().item()
+    return ips, correct / len(val_rows)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--backbones", nargs="+", default=["densenet121", "inception_v3"])
+    ap.add_argument("--images", type=int, default=96)
+    ap.add_argument("--val", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--set", action="append", default=[], help="extra covidscan overrides (CPU options)")
+    args = ap.parse_args()
+    rows = list(csv.DictReader(open(SHARED / "manifest.csv")))
+    rows = [r for i, r in enumerate(rows) if i % 5 == 0]  # every 5th image: all classes
+    train_rows, val_rows = rows[: args.images], rows[args.images : args.images + args.val]
+    items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in train_rows]
+    val_items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in val_rows]
+    results = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        split = Path(tmp) / "split.csv"
+        with open(split, "w", newline="") as fh:
+            w = csv.DictWriter(fh, fieldnames=["file", "label", "split"])
+            w.writeheader()
+            for r, s in [(r, "train") for r in train_rows] + [(r, "val") for r in val_rows]:
+                w.writerow({"file": str(SHARED / r["file"]), "label": r["label"], "split": s})
+        for backbone in args.backbones:
+            torch.manual_seed(0)
+            p_ips, p_acc = plain_loop(backbone, items, val_items, args.batch, args.size)
+            cfg = load_config(
+                None,
+                [
+                    f"model.backbone={backbone}",
+                    "model.weights=none",
+                    f"data.image_size={args.size}",
+                    "train.epochs=1",
+                    f"train.batch_size={args.batch}",
+                    "data.cache_dir=",
+                    *args.set,
+                ],
+            )
+            torch.manual_seed(0)
+            t = time.perf_counter()
+            res = train(cfg, None, Path(tmp) / backbone, split_file=split)
+            wall = time.perf_counter() - t
+            c_ips = res.history[0]["train_images_per_s"]
+            c_acc = res.history[0]["val_acc"]
+            results[backbone] = {
+                "plain_img_s": p_ips,
+                "covidscan_img_s": c_ips,
+                "ratio": c_ips / p_ips,
+                "plain_val_acc": p_acc,
+                "covidscan_val_acc": c_acc,
+                "covidscan_wall_s_incl_decode": wall,
+            }
+            print(
+                f"{backbone}: plain {p_ips:.2f} img/s (val acc {p_acc:.3f}) | covidscan {c_ips:.2f} img/s "
+                f"(val acc {c_acc:.3f}) | RATIO {c_ips / p_ips:.2f}x (goal >= 1.3x)"
+            )
+    print(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+import csv
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+from covidscan.data import load_dataset
+from covidscan.data.dataset import balanced_weights
+from covidscan.data.transforms import Preprocess, to_gray_uint8
+from covidscan.models import get_backbone
+from tests.conftest import chest_like, make_folder_dataset, tiny_config
+
+
+def test_merge_keeps_sources_and_manifest_source_column(tmp_path):
+    a = make_folder_dataset(tmp_path / "hospA", per_class=4, size=32)  # manifest with a source column
+    b = make_folder_dataset(tmp_path / "hospB", per_class=4, size=32, manifest=False)  # folder: source = folder name
+    index = load_dataset([a, b])
+    srcs = index.sources()
+    assert srcs["covid"] == {"src_covid": 4, "hospB": 4} and srcs["pneumonia"] == {"src_shared": 4, "hospB": 4}
+    assert index.single_source_classes() == []
+
+
+def test_balanced_sampler_matches_target_proportions():
+    labels = ["covid"] * 90 + ["covid"] * 10 + ["normal"] * 50
+    sources = ["A"] * 90 + ["B"] * 10 + ["C"] * 50
+    w = balanced_weights(labels, sources)
+    draws = torch.multinomial(w, 30000, replacement=True, generator=torch.Generator().manual_seed(0))
+    cells = Counter((labels[i], sources[i]) for i in draws.tolist())
+    for cell in [("covid", "A"), ("covid", "B"), ("normal", "C")]:
+        assert abs(cells[cell] / 30000 - 1 / 3) < 0.015, cells
+
+
+@pytest.mark.parametrize("equalize", [False, True])
+@pytest.mark.parametrize("crop", [0.0, 0.1])
+def test_preprocessing_options_deterministic_size_range(equalize, crop):
+    pre = Preprocess.for_backbone(get_backbone("densenet121"), 64, equalize=equalize, crop=crop)
+    img = chest_like(90, 3)
+    img[:5, :20] = 1.0  # a white text marker in the corner
+    a, b = to_gray_uint8(img, pre), to_gray_uint8(img, pre)
+    assert torch.equal(a, b) and a.shape == (1, 64, 64) and a.dtype == torch.uint8
+    if equalize:
+        assert a.min() == 0 and a.max() == 255  # full range used
+    if crop:
+        assert not torch.equal(a, to_gray_uint8(img, Preprocess.for_backbone(get_backbone("densenet121"), 64)))
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+
+
+def test_bad_crop_rejected():
+    with pytest.raises(ValueError, match="crop"):
+        Preprocess.for_backbone(get_backbone("densenet121"), 64, crop=0.6)
+
+
+def test_loso_never_trains_on_left_out_source(tmp_path):
+    from covidscan.loso import leave_one_source_out
+
+    a = make_folder_dataset(tmp_path / "hospA", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=1)
+    b = make_folder_dataset(tmp_path / "hospB", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=2)
+    c = make_folder_dataset(tmp_path / "hospC", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=3)
+    cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1})
+    res = leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", n_boot=20)
+    assert [f["source"] for f in res["folds"]] == ["hospA", "hospB", "hospC"]
+    for k, src in enumerate(["hospA", "hospB", "hospC"]):
+        rows = list(csv.DictReader(open(tmp_path / "loso" / f"fold{k:02d}" / "split.csv")))
+        seen = {r["file"] for r in rows if r["split"] in ("train", "val")}
+        left = {r["file"] for r in rows if r["split"] == "test"}
+        assert left and all(src in f for f in left)
+        assert not any(src in f for f in seen), "trained on the left-out source"
+    assert res["pooled"]["n"] == 48 and 0 <= res["pooled"]["covid_auroc"] <= 1
+    assert "Pooled out-of-source" in (tmp_path / "loso" / "loso.md").read_text()
+
+
+def test_balanced_training_runs(tmp_path):
+    from covidscan.engine import train
+
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
+    res = train(
+        tiny_config(train={"epochs": 1, "sampler": "balanced"}, data={"equalize": True, "crop": 0.05}), data, tmp_path / "run"
+    )
+    from covidscan.checkpoint import load_checkpoint
+
+    pre = load_checkpoint(res.best_checkpoint)["meta"]["preprocess"]
+    assert pre["equalize"] is True and pre["crop"] == 0.05
+    assert np.isfinite(res.history[0]["train_loss"])
