@@ -31,7 +31,7 @@ from covidscan.checkpoint import library_versions, load_checkpoint, save_checkpo
 from covidscan.config import Config, config_from_dict, save_config
 from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
 from covidscan.data.dataset import ImageStore, ScanDataset, balanced_weights, default_cache_dir
-from covidscan.data.transforms import Preprocess, build_augment
+from covidscan.data.transforms import Preprocess, build_augment, model_input
 from covidscan.models import build_model
 
 logger = logging.getLogger(__name__)
@@ -94,12 +94,14 @@ def _cache_dir(cfg: Config) -> Path | None:
 
 
 @torch.no_grad()
-def predict_loader(model, loader, device, ctx=nullcontext) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+def predict_loader(
+    model, loader, device, ctx=nullcontext, pre: Preprocess | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean loss."""
     model.eval()
     probs, labels, idx, loss_sum = [], [], [], 0.0
     for batch in loader:
-        x = batch["image"].to(device, non_blocking=True)
+        x = model_input(batch["image"], pre, device)
         y = batch["label"].to(device)
         with ctx():
             logits = model(x).float()
@@ -199,7 +201,7 @@ def _fit(
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input size: let cuDNN pick the fastest kernels
     model.to(device)
-    if device.type == "cuda" and cfg.train.channels_last:
+    if cfg.train.channels_last:  # NHWC: measured +24% InceptionV3 training on CPU, neutral for DenseNet
         model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
@@ -297,8 +299,8 @@ def _fit(
         for b, batch in enumerate(loader):
             if cfg.train.max_batches and b >= cfg.train.max_batches:
                 break
-            x = batch["image"].to(device, non_blocking=True)
-            if device.type == "cuda" and cfg.train.channels_last and not fast:
+            x = model_input(batch["image"], pre, device)
+            if cfg.train.channels_last and not fast:
                 x = x.contiguous(memory_format=torch.channels_last)
             y = batch["label"].to(device, non_blocking=True)
             with ctx():
@@ -321,7 +323,7 @@ def _fit(
         stop = torch.zeros(1)
         if is_main:
             val_loader = DataLoader(val_ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
-            probs, ys, _, val_loss = predict_loader(net if fast else model, val_loader, device, ctx)
+            probs, ys, _, val_loss = predict_loader(net if fast else model, val_loader, device, ctx, pre)
             val_acc = float((probs.argmax(1) == ys).mean()) if len(ys) else 0.0
             row = {
                 "epoch": epoch,
@@ -434,7 +436,7 @@ def _features(model, ds: ScanDataset, device, cfg) -> torch.Tensor:
     out = []
     for batch in loader:
         with autocast_for(device, cfg):
-            out.append(model.backbone(batch["image"].to(device)).float())
+            out.append(model.backbone(model_input(batch["image"], ds.pre, device)).float())
     return torch.cat(out) if out else torch.zeros(0)
 
 

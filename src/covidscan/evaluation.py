@@ -55,7 +55,7 @@ def predict_index(
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
     model.to(dev)
-    probs, y, idx, _ = predict_loader(model, loader, dev)
+    probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre)
     kept = index.subset(idx.tolist())
     return Predictions(kept, probs, y, store.skipped)
 

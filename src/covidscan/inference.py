@@ -62,7 +62,8 @@ class Predictor:
         """The model input for ``scan``: ``1 x 3 x S x S`` float32."""
         return to_input(to_gray_uint8(scan, self.pre), self.pre)[None]
 
-    def check(self, scan: ScanImage) -> list[str]:
+    def check(self, scan: ScanImage, u8: torch.Tensor | None = None) -> list[str]:
+        """Warnings for inputs unlike the training scans; ``u8`` = ``to_gray_uint8(scan)`` if already made."""
         warns = []
         px = scan.pixels
         if scan.is_color and float(np.abs(px - px.mean(2, keepdims=True)).mean()) > 0.03:
@@ -76,7 +77,8 @@ class Predictor:
         if ref.get("thumb"):
             from covidscan.engine import thumbnails
 
-            th = thumbnails(to_gray_uint8(scan, self.pre)[None])[0]
+            u8 = to_gray_uint8(scan, self.pre) if u8 is None else u8
+            th = thumbnails(u8[None])[0]
             corr = float(th @ torch.tensor(ref["thumb"]))
             if corr < ref["corr_p01"]:
                 other = "CT" if self.task == "xray" else "X-ray"
@@ -92,10 +94,14 @@ class Predictor:
             return self.model(x.to(self.device)).float().softmax(1).cpu().numpy()
 
     def predict_scan(self, scan: ScanImage, source: str = "") -> Prediction:
-        p = self.probabilities(self.tensor(scan))[0]
+        u8 = to_gray_uint8(scan, self.pre)  # decoded, resized once for the model and the checks
+        p = self.probabilities(to_input(u8, self.pre)[None])[0]
         k = int(p.argmax())
         return Prediction(
-            {n: float(v) for n, v in zip(self.class_names, p)}, self.class_names[k], self.check(scan), source or str(scan.path)
+            {n: float(v) for n, v in zip(self.class_names, p)},
+            self.class_names[k],
+            self.check(scan, u8),
+            source or str(scan.path),
         )
 
     def predict(self, path: str | Path) -> Prediction:

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.data.manifest import Record
-from covidscan.data.transforms import PREPROCESS_VERSION, Preprocess, to_gray_uint8, to_input
+from covidscan.data.transforms import PREPROCESS_VERSION, Preprocess, to_gray_uint8
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,11 @@ def _atomic_save(path: Path, arr: np.ndarray) -> None:
 
 
 class ScanDataset(Dataset):
-    """Items ``{"image": 3 x S x S float32 (normalised), "label": int, "index": int}``."""
+    """Items ``{"image": 1 x S x S uint8 (augmented when training), "label": int, "index": int}``.
+
+    Normalisation to the model's float input happens per batch (``transforms.model_input``),
+    on the training device, so workers and host-to-device copies move uint8.
+    """
 
     def __init__(self, store: ImageStore, indices: list[int], targets: list[int], pre: Preprocess, augment=None):
         self.store = store
@@ -150,7 +154,7 @@ class ScanDataset(Dataset):
         x = self.store.images[i]  # 1 x S x S uint8
         if self.augment is not None:
             x = self.augment(x)
-        return {"image": to_input(x, self.pre), "label": self.targets[i], "index": i}
+        return {"image": x, "label": self.targets[i], "index": i}
 
 
 def balanced_weights(labels: list, sources: list) -> torch.Tensor:

@@ -103,12 +103,19 @@ def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.
 
 
 def to_input(x: torch.Tensor, pre: Preprocess) -> torch.Tensor:
-    """``[N x] 1 x S x S`` uint8 -> ``[N x] 3 x S x S`` float32, normalised."""
+    """``[N x] 1 x S x S`` uint8 -> ``[N x] 3 x S x S`` float32, normalised (on ``x``'s device)."""
     x = x.float() / 255.0
     x = x.expand(*x.shape[:-3], 3, *x.shape[-2:])  # replicate gray to 3 channels
-    mean = torch.tensor(pre.mean, dtype=x.dtype).view(3, 1, 1)
-    std = torch.tensor(pre.std, dtype=x.dtype).view(3, 1, 1)
+    mean = torch.tensor(pre.mean, dtype=x.dtype, device=x.device).view(3, 1, 1)
+    std = torch.tensor(pre.std, dtype=x.dtype, device=x.device).view(3, 1, 1)
     return (x - mean) / std
+
+
+def model_input(batch_image: torch.Tensor, pre: Preprocess, device) -> torch.Tensor:
+    """A collated batch -> model input on ``device``: uint8 images are moved first (4x fewer
+    bytes than float), then normalised there; float tensors (cached features) pass through."""
+    x = batch_image.to(device, non_blocking=True)
+    return to_input(x, pre) if x.dtype == torch.uint8 else x
 
 
 def build_augment(aug, image_size: int) -> v2.Transform | None:
