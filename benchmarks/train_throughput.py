@@ -94,7 +94,9 @@ def main() -> None:
     ap.add_argument("--set", action="append", default=[], help="extra covidscan overrides (CPU options)")
     args = ap.parse_args()
     rows = list(csv.DictReader(open(SHARED / "manifest.csv")))
-    rows = [r for i, r in enumerate(rows) if i % 5 == 0]  # every 5th image: all classes
+    import random
+
+    random.Random(0).shuffle(rows)  # the manifest is sorted by class: shuffle (seeded) so both subsets hold every class
     train_rows, val_rows = rows[: args.images], rows[args.images : args.images + args.val]
     items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in train_rows]
     val_items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in val_rows]

@@ -59,7 +59,7 @@ def test_loso_never_trains_on_left_out_source(tmp_path):
     c = make_folder_dataset(tmp_path / "hospC", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=3)
     cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1})
     res = leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", n_boot=20)
-    assert [f["source"] for f in res["folds"]] == ["hospA", "hospB", "hospC"]
+    assert [f["source"] for f in res["folds"]] == ["hospa", "hospb", "hospc"]
     for k, src in enumerate(["hospA", "hospB", "hospC"]):
         rows = list(csv.DictReader(open(tmp_path / "loso" / f"fold{k:02d}" / "split.csv")))
         seen = {r["file"] for r in rows if r["split"] in ("train", "val")}

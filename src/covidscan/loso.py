@@ -29,16 +29,25 @@ from covidscan.metrics import bootstrap_ci, compute_metrics
 logger = logging.getLogger(__name__)
 
 
+def source_key(source: str) -> str:
+    """Collections are compared by the first word of their name, lower-cased, so that one
+    collection named two ways (``ieee8023/covid-chestxray-dataset (fork ...)`` in one manifest,
+    ``ieee8023 COVID-19 image data collection`` in another) is one source here."""
+    words = source.replace("/", " ").split()
+    return words[0].lower() if words else ""
+
+
 def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
-    """Test = every image of ``left_out``; train / val = the other sources minus groups touching it."""
-    touched = {r.group for r in index.records if r.source == left_out}
-    rest = [i for i, r in enumerate(index.records) if r.source != left_out and r.group not in touched]
+    """Test = every image of source ``left_out`` (a :func:`source_key`); train / val = the other
+    sources minus any group (patient, near-duplicate) that reaches into the left-out source."""
+    touched = {r.group for r in index.records if source_key(r.source) == left_out}
+    rest = [i for i, r in enumerate(index.records) if source_key(r.source) != left_out and r.group not in touched]
     inner = grouped_split(index.subset(rest), test=val, val=0.0, seed=seed)  # its "test" part is our validation
     assignment = ["drop"] * len(index)
     for k, i in enumerate(rest):
         assignment[i] = "val" if inner.assignment[k] == "test" else "train"
     for i, r in enumerate(index.records):
-        if r.source == left_out:
+        if source_key(r.source) == left_out:
             assignment[i] = "test"
     keep = [i for i, a in enumerate(assignment) if a != "drop"]
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
@@ -48,7 +57,7 @@ def leave_one_source_out(cfg: Config, data, out, *, sources=None, n_boot: int = 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = load_dataset(data, cfg.data.task)
-    all_sources = sorted({r.source for r in index.records})
+    all_sources = sorted({source_key(r.source) for r in index.records})
     if len(all_sources) < 2:
         raise ValueError("leave-one-source-out needs at least two sources")
     folds, pooled_y, pooled_p, pooled_g = [], [], [], []

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Generalisation table (docs/results/generalisation.md): single-source vs multi-source, each option,
+# judged by leave-one-source-out on ../shared/data. CPU, about 20 minutes on 2 cores.
+#   bash benchmarks/loso_compare.sh runs/loso
+set -euo pipefail
+out=${1:-runs/loso}
+X="../shared/data/xray ../shared/data/xray-extra"
+C=configs/xray_generalise.yaml
+mkdir -p "$out"
+# single source: train on ../shared/data/xray only, test on every image of the other collections
+covidscan train --config $C --data ../shared/data/xray --out "$out/single_source" --set train.sampler=plain --quiet
+covidscan evaluate --checkpoint "$out/single_source/best.pt" --data ../shared/data/xray-extra \
+  --out "$out/single_source/external" --bootstrap 500 --quiet > /dev/null
+# multi-source, leave one source out: plain sampling, balanced sampling, + equalisation and border crop
+covidscan loso --config $C --data $X --out "$out/multi_plain" --set train.sampler=plain --quiet > /dev/null
+covidscan loso --config $C --data $X --out "$out/multi_balanced" --set train.sampler=balanced --quiet > /dev/null
+covidscan loso --config $C --data $X --out "$out/multi_balanced_eq_crop" --set train.sampler=balanced \
+  --set data.equalize=true --set data.crop=0.08 --quiet > /dev/null
+covidscan loso --config configs/ct_generalise.yaml --data ../shared/data/ct ../shared/data/ct-extra --out "$out/ct" --quiet > /dev/null
+echo done
