@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 from pathlib import Path
@@ -67,7 +66,3 @@ def register(sub) -> None:
     except ImportError:  # pragma: no cover
         return
     commands_use.register(sub)
-
-
-def _noop(_: argparse.Namespace) -> int:  # pragma: no cover
-    return 0

@@ -27,7 +27,7 @@ def cmd_evaluate(args) -> int:
 def cmd_reproduce(args) -> int:
     from covidscan.reproduce import reproduce
 
-    res = reproduce(
+    reproduce(
         args.task,
         args.data,
         args.out,
@@ -41,7 +41,6 @@ def cmd_reproduce(args) -> int:
         models=tuple(args.models),
     )
     print((Path(args.out) / "table.md").read_text())
-    del res
     return 0
 
 
@@ -162,9 +161,8 @@ def cmd_loso(args) -> int:
     from covidscan.loso import leave_one_source_out
 
     cfg = load_config(args.config, args.set)
-    res = leave_one_source_out(cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet)
+    leave_one_source_out(cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet)
     print((Path(args.out) / "loso.md").read_text())
-    del res
     return 0
 
 
