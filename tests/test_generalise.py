@@ -82,3 +82,6 @@ def test_balanced_training_runs(tmp_path):
     pre = load_checkpoint(res.best_checkpoint)["meta"]["preprocess"]
     assert pre["equalize"] is True and pre["crop"] == 0.05
     assert np.isfinite(res.history[0]["train_loss"])
+    # the balanced sampler also drives the frozen-backbone feature fast path
+    res = train(tiny_config(train={"epochs": 1, "sampler": "balanced"}, model={"freeze_backbone": True}), data, tmp_path / "r2")
+    assert np.isfinite(res.history[0]["train_loss"])

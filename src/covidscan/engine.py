@@ -421,6 +421,10 @@ class FeatureDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
+    @property
+    def indices(self) -> list[int]:
+        return self.base.indices
+
     def labels(self) -> list[int]:
         return self.base.labels()
 
