@@ -26,6 +26,7 @@ class DataConfig:
     cache_dir: str = "auto"  # on-disk cache folder; "auto" = user cache (~/.cache/covidscan); "" = memory only
     equalize: bool = False  # histogram equalisation (contrast normalisation); stored in the checkpoint
     crop: float = 0.0  # fraction cut from each border before resizing (text, markers); stored in the checkpoint
+    lung_crop: bool = False  # crop to the lung fields (heuristic box, covidscan.data.lungs); stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
 
 

@@ -127,7 +127,8 @@ def loso_markdown(r: dict) -> str:
         "",
         f"Config: backbone {r['config']['model']['backbone']}, head {r['config']['model']['head']}, "
         f"weights {r['config']['model']['weights']}, sampler {r['config']['train']['sampler']}, "
-        f"equalize {r['config']['data']['equalize']}, crop {r['config']['data']['crop']}",
+        f"equalize {r['config']['data']['equalize']}, crop {r['config']['data']['crop']}, "
+        f"lung crop {r['config']['data'].get('lung_crop', False)}",
         "",
         "| left-out source | images | classes | accuracy % | COVID AUROC | COVID sensitivity % | COVID specificity % |",
         "|---|---:|---|---:|---:|---:|---:|",

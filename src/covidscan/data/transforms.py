@@ -24,6 +24,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from covidscan.data.io import ScanImage
+from covidscan.data.lungs import crop_to_lungs
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
 
@@ -38,10 +39,12 @@ class Preprocess:
     version: int = PREPROCESS_VERSION
     equalize: bool = False  # histogram equalisation after resizing (contrast normalisation across sources)
     crop: float = 0.0  # fraction of width / height cut from each border before resizing (text, markers, borders)
+    lung_crop: bool = False  # crop to the box around the lung fields (covidscan.data.lungs) before resizing
 
     def cache_key(self) -> str:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
-        return f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
+        key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
+        return key + ("_lung" if self.lung_crop else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -57,10 +60,13 @@ class Preprocess:
             version=int(d.get("version", PREPROCESS_VERSION)),
             equalize=bool(d.get("equalize", False)),
             crop=float(d.get("crop", 0.0)),
+            lung_crop=bool(d.get("lung_crop", False)),
         )
 
     @classmethod
-    def for_backbone(cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0) -> Preprocess:
+    def for_backbone(
+        cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False
+    ) -> Preprocess:
         if not 0 <= crop < 0.5:
             raise ValueError(f"crop={crop}: must be in [0, 0.5)")
         return cls(
@@ -70,6 +76,7 @@ class Preprocess:
             channel_policy=spec.channel_policy,
             equalize=equalize,
             crop=crop,
+            lung_crop=lung_crop,
         )
 
 
@@ -81,7 +88,7 @@ def gray(pixels: np.ndarray) -> np.ndarray:
 
 
 def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.Tensor:
-    """Decoded scan -> ``1 x S x S`` uint8 tensor: gray, border crop, resize (antialiased), equalisation.
+    """Decoded scan -> ``1 x S x S`` uint8 tensor: gray, border crop, lung crop, resize (antialiased), equalisation.
 
     ``pre`` is a :class:`Preprocess` or just the side ``S`` (no crop, no equalisation).
     Deterministic: the same scan always gives the same tensor.
@@ -94,6 +101,8 @@ def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.
         h, w = g.shape
         dy, dx = int(round(h * crop)), int(round(w * crop))
         g = g[dy : h - dy, dx : w - dx]
+    if not isinstance(pre, int) and pre.lung_crop:
+        g = crop_to_lungs(g)
     t = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None]  # 1 x H x W
     t = TF.resize(t, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     out = (t.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -1,0 +1,77 @@
+"""Lung-field crop heuristic (covidscan.data.lungs): on synthetic films whose lungs we place."""
+
+import numpy as np
+import pytest
+import torch
+
+from covidscan.data.lungs import lung_box
+from covidscan.data.transforms import Preprocess, to_gray_uint8
+from covidscan.models import get_backbone
+
+
+def film(h=300, w=260, lungs=((0.33, 0.5), (0.67, 0.5)), seed=0, ry=0.25, rx=0.12):
+    """A padded film: black outside air at the sides, a bright body, dark elliptic lungs,
+    a white text marker in the top-left corner. Returns the image and each lung's pixel box."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w]
+    img = 0.75 + 0.03 * rng.standard_normal((h, w))
+    img[:, : int(0.08 * w)] = 0.02  # air beside the patient (left edge)
+    img[:, w - int(0.08 * w) :] = 0.02  # (right edge)
+    boxes = []
+    for cx, cy in lungs:
+        m = ((xx / w - cx) / rx) ** 2 + ((yy / h - cy) / ry) ** 2 < 1
+        img[m] = 0.2 + 0.03 * rng.standard_normal(m.sum())
+        ys, xs = np.nonzero(m)
+        boxes.append((ys.min(), ys.max() + 1, xs.min(), xs.max() + 1))
+    img[5:25, 2:60] = 1.0  # "L" marker / text
+    return np.clip(img, 0, 1).astype(np.float32), boxes
+
+
+def contains(outer, inner, slack):
+    return outer[0] <= inner[0] + slack and outer[1] >= inner[1] - slack and outer[2] <= inner[2] + slack and outer[3] >= inner[3] - slack
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_box_holds_both_lungs_and_drops_corner_text(seed):
+    img, lungs = film(seed=seed)
+    box = lung_box(img)
+    h, w = img.shape
+    for lb in lungs:
+        assert contains(box, lb, slack=0.03 * h), (box, lb)
+    # tighter than the film: the text marker at rows 5-25 and the air strips are cut
+    assert box[0] > 25 and box[2] > 0.08 * w and box[3] < w - 0.08 * w
+    area = (box[1] - box[0]) * (box[3] - box[2]) / (h * w)
+    assert area < 0.75
+
+
+def test_off_centre_body_is_followed():
+    img, lungs = film(lungs=((0.25, 0.45), (0.52, 0.45)), rx=0.1)
+    box = lung_box(img)
+    for lb in lungs:
+        assert contains(box, lb, slack=0.03 * img.shape[0])
+    assert box[3] < 0.85 * img.shape[1]  # the empty right part is not kept
+
+
+def test_one_lung_found_gives_mirrored_box():
+    img, lungs = film(lungs=((0.3, 0.5),))  # e.g. a white-out of the other lung
+    y0, y1, x0, x1 = lung_box(img)
+    w = img.shape[1]
+    assert x0 <= lungs[0][2] and abs((x0 + x1) / 2 - w / 2) <= 2  # symmetric about the midline
+
+
+@pytest.mark.parametrize("img", [np.full((200, 200), 0.5, np.float32), np.zeros((20, 20), np.float32)])
+def test_nothing_lung_like_keeps_whole_image(img):
+    assert lung_box(img) == (0, img.shape[0], 0, img.shape[1])
+
+
+def test_lung_crop_option_contract_and_checkpointed():
+    spec = get_backbone("densenet121")
+    img, _ = film()
+    pre = Preprocess.for_backbone(spec, 64, lung_crop=True)
+    plain = Preprocess.for_backbone(spec, 64)
+    a, b = to_gray_uint8(img, pre), to_gray_uint8(img, pre)
+    assert torch.equal(a, b) and a.shape == (1, 64, 64) and a.dtype == torch.uint8
+    assert not torch.equal(a, to_gray_uint8(img, plain))
+    assert pre.cache_key() != plain.cache_key()  # cached images of the two never mix
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert Preprocess.from_dict({k: v for k, v in plain.to_dict().items() if k != "lung_crop"}) == plain  # older checkpoints
