@@ -1,6 +1,6 @@
 """Collect runs/loso/* (from benchmarks/loso_compare.sh) into one markdown table.
 
-    python benchmarks/loso_table.py runs/loso > docs/results/generalisation_table.md
+python benchmarks/loso_table.py runs/loso > docs/results/generalisation_table.md
 """
 
 from __future__ import annotations
@@ -20,8 +20,10 @@ def main() -> None:
         c = m["class_names"].index("covid")
         lo, hi = m["ci95"][f"auroc/{c}"]
         pc = m["metrics"]["per_class"]
-        print(f"| single source (`xray` only) -> all of `xray-extra` | {pc['auroc'][c]:.3f} [{lo:.3f}, {hi:.3f}] | "
-              f"sens {pc['sensitivity'][c] * 100:.1f} / spec {pc['specificity'][c] * 100:.1f} |")
+        print(
+            f"| single source (`xray` only) -> all of `xray-extra` | {pc['auroc'][c]:.3f} [{lo:.3f}, {hi:.3f}] | "
+            f"sens {pc['sensitivity'][c] * 100:.1f} / spec {pc['specificity'][c] * 100:.1f} |"
+        )
     for d in sorted(root.iterdir()):
         f = d / "loso.json"
         if not f.is_file():
@@ -36,7 +38,18 @@ def main() -> None:
             for x in r["folds"]
         )
         cfg = r["config"]
-        name = f"{d.name} (sampler {cfg['train']['sampler']}, equalize {cfg['data']['equalize']}, crop {cfg['data']['crop']})"
+        opts = [f"sampler {cfg['train']['sampler']}", f"equalize {cfg['data']['equalize']}", f"crop {cfg['data']['crop']}"]
+        if cfg["data"].get("lung_crop"):
+            opts.append("lung crop")
+        if not cfg["model"]["freeze_backbone"]:
+            a = cfg["augment"]
+            aug = (
+                f"rot {a['rotation']:g}, zoom {a['zoom']:g}, bright/contrast {a['brightness']:g}/{a['contrast']:g}"
+                if a["enabled"]
+                else "off"
+            )
+            opts.append(f"fine-tuned {cfg['train']['epochs']} epochs, augmentation {aug}")
+        name = f"{d.name} ({', '.join(opts)})"
         print(f"| {name} | {p['covid_auroc']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}] | {folds} |")
 
 

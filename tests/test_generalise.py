@@ -1,4 +1,5 @@
 import csv
+import json
 from collections import Counter
 
 import numpy as np
@@ -51,7 +52,7 @@ def test_bad_crop_rejected():
         Preprocess.for_backbone(get_backbone("densenet121"), 64, crop=0.6)
 
 
-def test_loso_never_trains_on_left_out_source(tmp_path):
+def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
     from covidscan.loso import leave_one_source_out
 
     a = make_folder_dataset(tmp_path / "hospA", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=1)
@@ -68,6 +69,25 @@ def test_loso_never_trains_on_left_out_source(tmp_path):
         assert not any(src in f for f in seen), "trained on the left-out source"
     assert res["pooled"]["n"] == 48 and 0 <= res["pooled"]["covid_auroc"] <= 1
     assert "Pooled out-of-source" in (tmp_path / "loso" / "loso.md").read_text()
+    for f in res["folds"]:  # per-source intervals hold their point estimate
+        for key in ("covid_sensitivity", "covid_specificity", "covid_auroc"):
+            lo, hi = f[f"{key}_ci"]
+            assert lo - 1e-9 <= f[key] <= hi + 1e-9, (key, f)
+        preds = list(csv.DictReader(open(tmp_path / "loso" / f"fold{res['folds'].index(f):02d}" / "predictions.csv")))
+        assert len(preds) == f["n"] == 16
+
+    # resume keeps finished folds: no training, same table
+    import covidscan.loso as loso_mod
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished fold was trained again")
+
+    monkeypatch.setattr(loso_mod, "train", no_training)
+    again = leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", n_boot=20, resume=True)
+    assert again["folds"] == json.loads(json.dumps(res["folds"])) and again["pooled"] == res["pooled"]
+    # a changed config is not "finished": that fold is trained again
+    with pytest.raises(AssertionError, match="trained again"):
+        leave_one_source_out(tiny_config(data={"task": "ct"}, train={"epochs": 2}), [a, b, c], tmp_path / "loso", resume=True)
 
 
 def test_balanced_training_runs(tmp_path):

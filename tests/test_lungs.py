@@ -28,7 +28,12 @@ def film(h=300, w=260, lungs=((0.33, 0.5), (0.67, 0.5)), seed=0, ry=0.25, rx=0.1
 
 
 def contains(outer, inner, slack):
-    return outer[0] <= inner[0] + slack and outer[1] >= inner[1] - slack and outer[2] <= inner[2] + slack and outer[3] >= inner[3] - slack
+    return (
+        outer[0] <= inner[0] + slack
+        and outer[1] >= inner[1] - slack
+        and outer[2] <= inner[2] + slack
+        and outer[3] >= inner[3] - slack
+    )
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])

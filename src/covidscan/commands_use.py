@@ -161,7 +161,9 @@ def cmd_loso(args) -> int:
     from covidscan.loso import leave_one_source_out
 
     cfg = load_config(args.config, args.set)
-    leave_one_source_out(cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet)
+    leave_one_source_out(
+        cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet, resume=args.resume
+    )
     print((Path(args.out) / "loso.md").read_text())
     return 0
 
@@ -174,6 +176,7 @@ def register(sub) -> None:
     p.add_argument("--sources", nargs="+", help="only these left-out sources (default: each in turn)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--bootstrap", type=int, default=500)
+    p.add_argument("--resume", action="store_true", help="keep folds that already finished in --out (same config)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_loso)
 

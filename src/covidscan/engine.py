@@ -184,7 +184,9 @@ def _fit(
     cfg, model, weights_source, split, out, device, state, progress, stop_after_epoch, distributed, rank, is_main, t_start
 ) -> TrainResult:
     index = split.index
-    pre = Preprocess.for_backbone(model.spec, cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop, lung_crop=cfg.data.lung_crop)
+    pre = Preprocess.for_backbone(
+        model.spec, cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop, lung_crop=cfg.data.lung_crop
+    )
     targets = index.targets()
     tr_idx, va_idx = split.indices("train"), split.indices("val")
     need = sorted(set(tr_idx) | set(va_idx))

@@ -11,6 +11,7 @@ the *pooled* COVID-vs-rest AUROC: every image scored by a model that never saw i
 
 from __future__ import annotations
 
+import csv
 import json
 import logging
 from pathlib import Path
@@ -53,7 +54,54 @@ def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
 
 
-def leave_one_source_out(cfg: Config, data, out, *, sources=None, n_boot: int = 500, progress: bool = False) -> dict:
+def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, weights_source: str = "") -> tuple[dict, dict]:
+    """Score ``fold_dir/best.pt`` on the left-out images of ``split``; write ``fold.json`` and
+    ``predictions.csv`` (one row per image: file, label, group, COVID probability).
+
+    Returns the fold's summary (with 95% group-bootstrap intervals) and the per-image arrays."""
+    model, meta = model_from_checkpoint(load_checkpoint(fold_dir / "best.pt"))
+    preds = predict_index(model, meta, split.subset("test"))
+    names = meta["class_names"]
+    pos = names.index(POSITIVE_CLASS)
+    m = compute_metrics(preds.y, preds.probs)
+    groups = [r.group for r in preds.index.records]
+    ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot) if n_boot else {}
+    fold = {
+        "source": source,
+        "n": int(len(preds.y)),
+        "trained_on": len(split.indices("train")),
+        "classes": {n: int((preds.y == c).sum()) for c, n in enumerate(names)},
+        "accuracy": m["accuracy"],
+        "covid_auroc": m["per_class"]["auroc"][pos],
+        "covid_sensitivity": m["per_class"]["sensitivity"][pos],
+        "covid_specificity": m["per_class"]["specificity"][pos],
+        "covid_auroc_ci": ci.get(f"auroc/{pos}"),
+        "covid_sensitivity_ci": ci.get(f"sensitivity/{pos}"),
+        "covid_specificity_ci": ci.get(f"specificity/{pos}"),
+        "weights_source": weights_source or meta.get("weights_source", ""),
+    }
+    rows = {
+        "file": [str(r.path) for r in preds.index.records],
+        "label": [r.label for r in preds.index.records],
+        "group": groups,
+        "covid": (preds.y == pos).astype(int).tolist(),
+        "p_covid": preds.probs[:, pos].tolist(),
+    }
+    with open(fold_dir / "predictions.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", "group", "p_covid"])
+        w.writerows(zip(rows["file"], rows["label"], rows["group"], rows["p_covid"]))
+    (fold_dir / "fold.json").write_text(json.dumps({"fold": fold, "predictions": rows}, indent=1))
+    return fold, rows
+
+
+def leave_one_source_out(
+    cfg: Config, data, out, *, sources=None, n_boot: int = 500, progress: bool = False, resume: bool = False
+) -> dict:
+    """Train and score one model per left-out source into ``out/foldNN``; pooled table in
+    ``out/loso.json`` and ``out/loso.md``. ``resume=True`` keeps every fold that finished
+    (its ``fold.json`` exists and was made with the same config), so an interrupted run
+    continues where it stopped."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     index = load_dataset(data, cfg.data.task)
@@ -67,31 +115,20 @@ def leave_one_source_out(cfg: Config, data, out, *, sources=None, n_boot: int = 
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
-        write_split(split, fold_dir / "loso_split.csv")
-        torch.manual_seed(cfg.train.seed)
-        result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress)
-        model, meta = model_from_checkpoint(load_checkpoint(result.best_checkpoint))
-        test = split.subset("test")
-        preds = predict_index(model, meta, test)
-        names = meta["class_names"]
-        pos = names.index(POSITIVE_CLASS)
-        m = compute_metrics(preds.y, preds.probs)
-        yb = (preds.y == pos).astype(int)
-        fold = {
-            "source": s,
-            "n": int(len(preds.y)),
-            "trained_on": len(split.indices("train")),
-            "classes": {n: int((preds.y == c).sum()) for c, n in enumerate(names)},
-            "accuracy": m["accuracy"],
-            "covid_auroc": m["per_class"]["auroc"][pos],
-            "covid_sensitivity": m["per_class"]["sensitivity"][pos],
-            "covid_specificity": m["per_class"]["specificity"][pos],
-            "weights_source": result.weights_source,
-        }
+        done = fold_dir / "fold.json"
+        if resume and done.is_file() and _same_config(fold_dir, cfg):
+            saved = json.loads(done.read_text())
+            fold, rows = saved["fold"], saved["predictions"]
+            logger.info("LOSO %s: kept finished fold %s", s, fold_dir)
+        else:
+            write_split(split, fold_dir / "loso_split.csv")
+            torch.manual_seed(cfg.train.seed)
+            result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress)
+            fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source)
         folds.append(fold)
-        pooled_y.append(yb)
-        pooled_p.append(preds.probs[:, pos])
-        pooled_g += [f"{s}|{r.group}" for r in preds.index.records]
+        pooled_y.append(np.asarray(rows["covid"], dtype=int))
+        pooled_p.append(np.asarray(rows["p_covid"], dtype=np.float64))
+        pooled_g += [f"{s}|{g}" for g in rows["group"]]
         logger.info("LOSO %s: %s", s, fold)
     y = np.concatenate(pooled_y)
     p = np.concatenate(pooled_p)
@@ -115,10 +152,29 @@ def leave_one_source_out(cfg: Config, data, out, *, sources=None, n_boot: int = 
     return res
 
 
+def _same_config(fold_dir: Path, cfg: Config) -> bool:
+    from covidscan.config import load_config
+
+    try:
+        return load_config(fold_dir / "config.yaml").to_dict() == cfg.to_dict()
+    except (OSError, ValueError):
+        return False
+
+
 def _v(x, pct=True):
     if x is None or x != x:
         return "n/a"
     return f"{x * 100:.1f}" if pct else f"{x:.3f}"
+
+
+def _ci(fold: dict, key: str, pct: bool = True) -> str:
+    """``value [lo, hi]`` when the fold has an interval (folds scored before intervals: value only)."""
+    v, ci = fold.get(key), fold.get(f"{key}_ci")
+    if v is None or v != v or not ci or ci[0] != ci[0]:
+        return _v(v, pct)
+    if pct:
+        return f"{v * 100:.1f} [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"
+    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
 
 
 def loso_markdown(r: dict) -> str:
@@ -130,14 +186,14 @@ def loso_markdown(r: dict) -> str:
         f"equalize {r['config']['data']['equalize']}, crop {r['config']['data']['crop']}, "
         f"lung crop {r['config']['data'].get('lung_crop', False)}",
         "",
-        "| left-out source | images | classes | accuracy % | COVID AUROC | COVID sensitivity % | COVID specificity % |",
+        "| left-out source | images | classes | accuracy % | COVID AUROC [95% CI] | COVID sensitivity % [95% CI] | COVID specificity % [95% CI] |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for f in r["folds"]:
         cls = ", ".join(f"{k} {v}" for k, v in f["classes"].items() if v)
         lines.append(
-            f"| {f['source']} | {f['n']} | {cls} | {_v(f['accuracy'])} | {_v(f['covid_auroc'], False)} | "
-            f"{_v(f['covid_sensitivity'])} | {_v(f['covid_specificity'])} |"
+            f"| {f['source']} | {f['n']} | {cls} | {_v(f['accuracy'])} | {_ci(f, 'covid_auroc', False)} | "
+            f"{_ci(f, 'covid_sensitivity')} | {_ci(f, 'covid_specificity')} |"
         )
     p = r["pooled"]
     ci = p.get("covid_auroc_ci")

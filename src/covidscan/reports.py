@@ -27,7 +27,11 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
     from covidscan.data.transforms import Preprocess
 
     pre = Preprocess.for_backbone(
-        get_backbone(cfg.model.backbone), cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop, lung_crop=cfg.data.lung_crop
+        get_backbone(cfg.model.backbone),
+        cfg.data.image_size,
+        equalize=cfg.data.equalize,
+        crop=cfg.data.crop,
+        lung_crop=cfg.data.lung_crop,
     )
     aug = build_augment(cfg.augment, pre.image_size)
     rng = np.random.default_rng(seed)
