@@ -1,6 +1,7 @@
-"""Training throughput: covidscan's loop vs a plain torchvision loop, on CPU.
+"""Training throughput: covidscan's loop vs a plain torchvision loop, on CPU or one GPU.
 
     python benchmarks/train_throughput.py [--backbones densenet121 inception_v3] [--images 96] [--val 64]
+    python benchmarks/train_throughput.py --device cuda --images 1024 --batch 64 --workers 8   # GPU: AMP + channels_last vs fp32
 
 Plain reference, written the obvious way: an ImageFolder-style dataset that opens each file
 with PIL every time, ``transforms.Compose([Grayscale(3), Resize((224, 224)), RandomAffine,
@@ -34,7 +35,18 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray"
 CLASSES = ("covid", "pneumonia", "normal")
 
 
-def plain_loop(backbone: str, rows, val_rows, batch: int, size: int) -> tuple[float, float]:
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _peak_mib(dev: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(dev) / 2**20 if dev.type == "cuda" else float("nan")
+
+
+def plain_loop(backbone: str, rows, val_rows, batch: int, size: int, dev=None, workers: int = 0) -> tuple[float, float]:
+    """The plain reference: PIL decode per step, fp32, default memory format, on ``dev``."""
+    dev = torch.device(dev or "cpu")
     norm = ((0.5,) * 3, (0.5,) * 3) if backbone == "inception_v3" else ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
     aug = T.Compose(
         [
@@ -65,22 +77,28 @@ def plain_loop(backbone: str, rows, val_rows, batch: int, size: int) -> tuple[fl
     else:
         model = getattr(torchvision.models, backbone)(weights=None)
         model.classifier = nn.Linear(model.classifier.in_features, 3)
+    model.to(dev)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4)
-    loader = torch.utils.data.DataLoader(Files(rows, aug), batch_size=batch, shuffle=True, drop_last=True)
+    loader = torch.utils.data.DataLoader(
+        Files(rows, aug), batch_size=batch, shuffle=True, drop_last=True, num_workers=workers, pin_memory=dev.type == "cuda"
+    )
     model.train()
+    _sync(dev)
     seen, t = 0, time.perf_counter()
     for x, y in loader:
+        x, y = x.to(dev, non_blocking=True), y.to(dev, non_blocking=True)
         loss = nn.functional.cross_entropy(model(x), y)
         opt.zero_grad()
         loss.backward()
         opt.step()
         seen += len(y)
+    _sync(dev)
     ips = seen / (time.perf_counter() - t)
     model.eval()
     correct = 0
     with torch.no_grad():
-        for x, y in torch.utils.data.DataLoader(Files(val_rows, plain), batch_size=32):
-            correct += (model(x).argmax(1) == y).sum().item()
+        for x, y in torch.utils.data.DataLoader(Files(val_rows, plain), batch_size=32, num_workers=workers):
+            correct += (model(x.to(dev)).argmax(1).cpu() == y).sum().item()
     return ips, correct / len(val_rows)
 
 
@@ -92,14 +110,19 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--set", action="append", default=[], help="extra covidscan overrides (CPU options)")
+    ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both loops run there)")
+    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (and covidscan's on CUDA)")
+    ap.add_argument("--data", type=Path, default=SHARED, help="an X-ray folder with manifest.csv")
     args = ap.parse_args()
-    rows = list(csv.DictReader(open(SHARED / "manifest.csv")))
+    data = args.data
+    dev = torch.device(args.device)
+    rows = list(csv.DictReader(open(data / "manifest.csv")))
     import random
 
     random.Random(0).shuffle(rows)  # the manifest is sorted by class: shuffle (seeded) so both subsets hold every class
     train_rows, val_rows = rows[: args.images], rows[args.images : args.images + args.val]
-    items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in train_rows]
-    val_items = [(SHARED / r["file"], CLASSES.index(r["label"])) for r in val_rows]
+    items = [(data / r["file"], CLASSES.index(r["label"])) for r in train_rows]
+    val_items = [(data / r["file"], CLASSES.index(r["label"])) for r in val_rows]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         split = Path(tmp) / "split.csv"
@@ -107,10 +130,16 @@ def main() -> None:
             w = csv.DictWriter(fh, fieldnames=["file", "label", "split"])
             w.writeheader()
             for r, s in [(r, "train") for r in train_rows] + [(r, "val") for r in val_rows]:
-                w.writerow({"file": str(SHARED / r["file"]), "label": r["label"], "split": s})
+                w.writerow({"file": str(data / r["file"]), "label": r["label"], "split": s})
         for backbone in args.backbones:
             torch.manual_seed(0)
-            p_ips, p_acc = plain_loop(backbone, items, val_items, args.batch, args.size)
+            if dev.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(dev)
+            p_ips, p_acc = plain_loop(backbone, items, val_items, args.batch, args.size, dev, args.workers)
+            p_mem = _peak_mib(dev)
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats(dev)
             cfg = load_config(
                 None,
                 [
@@ -120,6 +149,8 @@ def main() -> None:
                     "train.epochs=1",
                     f"train.batch_size={args.batch}",
                     "data.cache_dir=",
+                    f"train.device={args.device}",
+                    f"data.num_workers={args.workers if dev.type == 'cuda' else 0}",
                     *args.set,
                 ],
             )
@@ -129,7 +160,11 @@ def main() -> None:
             wall = time.perf_counter() - t
             c_ips = res.history[0]["train_images_per_s"]
             c_acc = res.history[0]["val_acc"]
+            c_mem = _peak_mib(dev)
             results[backbone] = {
+                "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
+                "plain_peak_gpu_mib": p_mem,
+                "covidscan_peak_gpu_mib": c_mem,
                 "plain_img_s": p_ips,
                 "covidscan_img_s": c_ips,
                 "ratio": c_ips / p_ips,
@@ -140,6 +175,7 @@ def main() -> None:
             print(
                 f"{backbone}: plain {p_ips:.2f} img/s (val acc {p_acc:.3f}) | covidscan {c_ips:.2f} img/s "
                 f"(val acc {c_acc:.3f}) | RATIO {c_ips / p_ips:.2f}x (goal >= 1.3x)"
+                + (f" | peak GPU memory plain {p_mem:.0f} MiB, covidscan {c_mem:.0f} MiB" if dev.type == "cuda" else "")
             )
     print(json.dumps(results, indent=2))
 
