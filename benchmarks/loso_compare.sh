@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Generalisation table (docs/results/generalisation.md): single-source vs multi-source, each option,
-# judged by leave-one-source-out on ../shared/data. CPU, about 100 minutes on 2 cores.
+# judged by leave-one-source-out on ../shared/data. CPU, about 130 minutes on 2 cores.
 #   bash benchmarks/loso_compare.sh runs/loso
 set -euo pipefail
 out=${1:-runs/loso}
@@ -22,5 +22,7 @@ covidscan loso --config $C --data $X --out "$out/multi_balanced_lung" --set trai
 covidscan loso --config configs/xray_generalise_finetune.yaml --data $X --out "$out/multi_finetune_paperaug" \
   --set augment.rotation=10 --set augment.zoom=0.1 --set augment.brightness=0 --set augment.contrast=0 --quiet > /dev/null
 covidscan loso --config configs/xray_generalise_finetune.yaml --data $X --out "$out/multi_finetune_strongaug" --quiet > /dev/null
+covidscan loso --config configs/xray_generalise_finetune.yaml --data $X --out "$out/multi_finetune_strongaug_lung" \
+  --set data.lung_crop=true --quiet > /dev/null
 covidscan loso --config configs/ct_generalise.yaml --data ../shared/data/ct ../shared/data/ct-extra --out "$out/ct" --quiet > /dev/null
 echo done
