@@ -88,6 +88,16 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
     # a changed config is not "finished": that fold is trained again
     with pytest.raises(AssertionError, match="trained again"):
         leave_one_source_out(tiny_config(data={"task": "ct"}, train={"epochs": 2}), [a, b, c], tmp_path / "loso", resume=True)
+    # a truncated predictions file or an unreadable summary is not "finished" either (no crash)
+    fold1 = tmp_path / "loso" / "fold01"
+    lines = (fold1 / "predictions.csv").read_text().splitlines(keepends=True)
+    (fold1 / "predictions.csv").write_text("".join(lines[:5]))
+    with pytest.raises(AssertionError, match="trained again"):
+        leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", resume=True)
+    (fold1 / "predictions.csv").write_text("".join(lines))
+    (fold1 / "fold.json").write_text('{"fold": ')
+    with pytest.raises(AssertionError, match="trained again"):
+        leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", resume=True)
 
 
 def test_balanced_training_runs(tmp_path):

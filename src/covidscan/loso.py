@@ -54,11 +54,33 @@ def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
 
 
-def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, weights_source: str = "") -> tuple[dict, dict]:
-    """Score ``fold_dir/best.pt`` on the left-out images of ``split``; write ``fold.json`` and
-    ``predictions.csv`` (one row per image: file, label, group, COVID probability).
+PREDICTION_FIELDS = ("file", "label", "group", "p_covid")
 
-    Returns the fold's summary (with 95% group-bootstrap intervals) and the per-image arrays."""
+
+def _finished_fold(fold_dir: Path, cfg: Config) -> tuple[dict, list[dict]] | None:
+    """A fold's saved summary and predictions when it finished with ``cfg``; None when it has
+    to be (re)run: missing, unreadable or truncated files, or another config."""
+    from covidscan.config import load_config
+
+    try:
+        if load_config(fold_dir / "config.yaml").to_dict() != cfg.to_dict():
+            return None
+        fold = json.loads((fold_dir / "fold.json").read_text())["fold"]
+        with open(fold_dir / "predictions.csv", newline="") as fh:
+            rows = [{**r, "p_covid": float(r["p_covid"])} for r in csv.DictReader(fh)]
+        if len(rows) != fold["n"]:
+            return None
+        return fold, rows
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, weights_source: str = "") -> tuple[dict, dict]:
+    """Score ``fold_dir/best.pt`` on the left-out images of ``split``; write ``predictions.csv``
+    (one row per image: file, label, group, COVID probability) and then ``fold.json`` (the
+    fold's summary with 95% group-bootstrap intervals; its presence marks the fold finished).
+
+    Returns the summary and the per-image rows."""
     model, meta = model_from_checkpoint(load_checkpoint(fold_dir / "best.pt"))
     preds = predict_index(model, meta, split.subset("test"))
     names = meta["class_names"]
@@ -80,18 +102,15 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
         "covid_specificity_ci": ci.get(f"specificity/{pos}"),
         "weights_source": weights_source or meta.get("weights_source", ""),
     }
-    rows = {
-        "file": [str(r.path) for r in preds.index.records],
-        "label": [r.label for r in preds.index.records],
-        "group": groups,
-        "covid": (preds.y == pos).astype(int).tolist(),
-        "p_covid": preds.probs[:, pos].tolist(),
-    }
+    rows = [
+        {"file": str(r.path), "label": r.label, "group": g, "p_covid": float(p)}
+        for r, g, p in zip(preds.index.records, groups, preds.probs[:, pos])
+    ]
     with open(fold_dir / "predictions.csv", "w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["file", "label", "group", "p_covid"])
-        w.writerows(zip(rows["file"], rows["label"], rows["group"], rows["p_covid"]))
-    (fold_dir / "fold.json").write_text(json.dumps({"fold": fold, "predictions": rows}, indent=1))
+        w = csv.DictWriter(fh, fieldnames=list(PREDICTION_FIELDS))
+        w.writeheader()
+        w.writerows(rows)
+    (fold_dir / "fold.json").write_text(json.dumps({"fold": fold}, indent=1))
     return fold, rows
 
 
@@ -115,10 +134,9 @@ def leave_one_source_out(
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
-        done = fold_dir / "fold.json"
-        if resume and done.is_file() and _same_config(fold_dir, cfg):
-            saved = json.loads(done.read_text())
-            fold, rows = saved["fold"], saved["predictions"]
+        finished = _finished_fold(fold_dir, cfg) if resume else None
+        if finished:
+            fold, rows = finished
             logger.info("LOSO %s: kept finished fold %s", s, fold_dir)
         else:
             write_split(split, fold_dir / "loso_split.csv")
@@ -126,9 +144,9 @@ def leave_one_source_out(
             result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress)
             fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source)
         folds.append(fold)
-        pooled_y.append(np.asarray(rows["covid"], dtype=int))
-        pooled_p.append(np.asarray(rows["p_covid"], dtype=np.float64))
-        pooled_g += [f"{s}|{g}" for g in rows["group"]]
+        pooled_y.append(np.asarray([r["label"] == POSITIVE_CLASS for r in rows], dtype=int))
+        pooled_p.append(np.asarray([r["p_covid"] for r in rows], dtype=np.float64))
+        pooled_g += [f"{s}|{r['group']}" for r in rows]
         logger.info("LOSO %s: %s", s, fold)
     y = np.concatenate(pooled_y)
     p = np.concatenate(pooled_p)
@@ -150,15 +168,6 @@ def leave_one_source_out(
     (out / "loso.json").write_text(json.dumps(res, indent=2))
     (out / "loso.md").write_text(loso_markdown(res))
     return res
-
-
-def _same_config(fold_dir: Path, cfg: Config) -> bool:
-    from covidscan.config import load_config
-
-    try:
-        return load_config(fold_dir / "config.yaml").to_dict() == cfg.to_dict()
-    except (OSError, ValueError):
-        return False
 
 
 def _v(x, pct=True):

@@ -3,13 +3,14 @@
 A chest film shows the lungs as the two large dark regions inside the brighter body
 (mediastinum, ribs, diaphragm, soft tissue). :func:`lung_box` finds them on a small copy:
 
-1. resize to ``W x W``, stretch the 2nd..98th percentile to [0, 1], smooth (Gaussian);
-2. mark pixels darker than the Otsu threshold of the image's central part;
-3. open (cut thin bridges, e.g. lung to outside air through the armpit), label regions;
-4. keep regions large enough whose centre lies in the central band and that are not
-   mostly outside air (a region touching the left or right border along more than 60% of
-   its height is air beside the patient, unless it is the only candidate on that side);
-5. the box around the kept regions, padded, and widened to a minimum size.
+1. resize to ``WORK x WORK``, stretch the 2nd..98th percentile to [0, 1], smooth (Gaussian);
+2. for five thresholds around the Otsu level of the image's central part: mark the darker
+   pixels, open (cut thin bridges, e.g. lung to outside air through the armpit), label regions,
+   and keep those shaped like a lung field (area, height, width, centre in the central band,
+   not running down the left or right image edge, which is air beside the patient);
+3. take the largest such region on each side; keep the threshold whose pair covers most;
+4. the box around that pair, padded, mirrored about the midline when only one lung was
+   found, and widened to a minimum size.
 
 When nothing plausible is found the whole image is returned, so the crop can only
 remove borders, text and markers, never the chest. Deterministic: no randomness.
@@ -46,7 +47,7 @@ def _candidates(s: np.ndarray, thr: float) -> list[tuple[int, tuple[slice, slice
     """Dark regions below ``thr`` shaped like a lung field: ``(area, bbox, centre x)``."""
     n = s.shape[0]
     dark = ndimage.binary_opening(s < thr, structure=np.ones((5, 5), bool))
-    labels, count = ndimage.label(dark)
+    labels, _ = ndimage.label(dark)
     out = []
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
