@@ -114,8 +114,7 @@ def ct_dir(tmp_path) -> Path:
 
 def tiny_config(**sections):
     """A config for fast tests: tiny images, random weights, 2 epochs."""
-    from covidscan.config import load_config
-    from covidscan.engine import replace_cfg
+    from covidscan.config import load_config, replace_cfg
 
     cfg = load_config(
         None,

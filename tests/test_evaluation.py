@@ -21,7 +21,7 @@ def test_evaluate_writes_report_and_figures(trained_run, tmp_path):
     assert m["metrics"]["n"] == n == np.sum(m["metrics"]["confusion"])
     lo, hi = m["ci95"]["accuracy"]
     assert lo <= m["metrics"]["accuracy"] <= hi
-    assert r["bootstrap"]["unit"] == "patient group"
+    assert r.bootstrap["unit"] == "patient group"
 
 
 def test_external_set_with_missing_class(trained_run, tmp_path, capsys):

@@ -1,81 +1,113 @@
-"""Model card (Mitchell et al. 2019) in markdown, from a checkpoint's metadata and, when
-given, an evaluation's ``metrics.json`` and a probe result."""
+"""Model card (Mitchell et al. 2019) in markdown, from a checkpoint's metadata and, when given,
+an evaluation's ``metrics.json`` and a probe result. Prose and tables, never raw dicts."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from covidscan.checkpoint import load_checkpoint
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint
+from covidscan.results import EvaluationResult, fmt_interval
+
+
+def _counts_table(meta: CheckpointMeta) -> list[str]:
+    counts = meta.train_counts or {}
+    if not counts:
+        return []
+    names = list(meta.class_names)
+    lines = ["| split | " + " | ".join(names) + " | groups |", "|---" * (len(names) + 2) + "|"]
+    for split, c in counts.items():
+        lines.append(f"| {split} | " + " | ".join(str(c.get(n, 0)) for n in names) + f" | {c.get('groups', '')} |")
+    return lines
+
+
+def _metrics_section(m: EvaluationResult) -> list[str]:
+    mm, ci = m.metrics, m.ci95
+    lines = [
+        f"Evaluated on {m.evaluated_on} ({m.split_type}, n = {mm['n']}); 95% bootstrap intervals over "
+        f"{m.bootstrap['unit']}s. Accuracy {fmt_interval(mm['accuracy'], ci.get('accuracy'))} %, expected "
+        f"calibration error {m.ece:.3f}.",
+        "",
+        "| class | sensitivity % | specificity % | PPV % | AUROC |",
+        "|---|---|---|---|---|",
+    ]
+    pc = mm["per_class"]
+    for c, n in enumerate(m.class_names):
+        lines.append(
+            f"| {n} | {fmt_interval(pc['sensitivity'][c], ci.get(f'sensitivity/{c}'))} | "
+            f"{fmt_interval(pc['specificity'][c], ci.get(f'specificity/{c}'))} | {fmt_interval(pc['ppv'][c], ci.get(f'ppv/{c}'))} | "
+            f"{fmt_interval(pc['auroc'][c], ci.get(f'auroc/{c}'), pct=False)} |"
+        )
+    return lines
 
 
 def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = None) -> str:
-    meta = load_checkpoint(checkpoint)["meta"]
-    names = meta["class_names"]
-    cfg = meta.get("config", {})
-    scans = "single frontal chest X-rays" if meta["task"] == "xray" else "single axial chest CT slices"
-    use = (
-        f"Research on COVID-19 detection from {scans}: benchmarking, studying shortcut learning, teaching. "
-        "Not for screening or diagnosis of patients."
-    )
+    meta: CheckpointMeta = load_checkpoint(checkpoint)["meta"]
+    names = meta.class_names
+    cfg = meta.config
+    train_cfg = cfg.get("train", {})
+    scans = "single frontal chest X-rays" if meta.task == "xray" else "single axial chest CT slices"
+    pre = meta.preprocess
+    versions = ", ".join(f"{k} {v}" for k, v in meta.versions.items())
     lines = [
-        f"# Model card: {meta['backbone']} + {meta['head']} head, {meta['task']} ({', '.join(names)})",
+        f"# Model card: {meta.backbone} + {meta.head} head, {meta.task} ({', '.join(names)})",
         "",
         "> **Not for clinical use.** Research use only; covidscan is not a medical device. Do not use this model "
         "for diagnosis, triage or any decision about a patient.",
         "",
         "## Intended use",
-        use,
+        f"Research on COVID-19 detection from {scans}: benchmarking, studying shortcut learning, teaching. "
+        "Not for screening or diagnosis of patients.",
         "",
         "## Model",
-        f"- backbone `{meta['backbone']}`, head `{meta['head']}`; weights initialised from: {meta.get('weights_source')}",
-        f"- input: {meta['preprocess']['image_size']} px square, grayscale copied to 3 channels, normalised with "
-        f"mean {meta['preprocess']['mean']} / std {meta['preprocess']['std']}",
-        f"- training: Adam lr {cfg.get('train', {}).get('lr')}, up to {cfg.get('train', {}).get('epochs')} epochs, "
-        f"best epoch {meta.get('epoch')} chosen on validation {cfg.get('train', {}).get('monitor')}",
-        f"- library versions: {meta.get('versions')}",
+        f"A `{meta.backbone}` backbone with a `{meta.head}` head, initialised from {meta.weights_source}. "
+        f"Input: {pre.image_size} px square, grayscale copied to 3 channels, normalised with mean {list(pre.mean)} and "
+        f"std {list(pre.std)}"
+        + (", histogram-equalised" if pre.equalize else "")
+        + (f", {pre.crop:.0%} border crop" if pre.crop else "")
+        + (", cropped to the lung fields" if pre.lung_crop else "")
+        + f". Trained with Adam (learning rate {train_cfg.get('lr')}) for up to {train_cfg.get('epochs')} epochs; "
+        f"the checkpoint is epoch {meta.epoch}, chosen on validation {train_cfg.get('monitor')}. Library versions: {versions}.",
+    ]
+    if meta.threshold:
+        t = meta.threshold
+        lines += [
+            "",
+            f"Operating threshold: {t['class']} is reported positive at probability >= {t['value']:.3f}"
+            + (
+                f" (chosen for sensitivity {t['target_sensitivity']:.0%} on {t.get('data', 'local data')})"
+                if "target_sensitivity" in t
+                else ""
+            )
+            + ".",
+        ]
+    lines += [
         "",
         "## Training data",
-        f"- from: {', '.join(meta.get('data_origins', [])) or 'unknown'}; data fingerprint `{meta.get('data_fingerprint', '')[:16]}`",
-        f"- split: {meta.get('split_protocol')} (grouping by {meta.get('grouping')}); counts per split: {meta.get('train_counts')}",
+        f"From {', '.join(meta.data_origins) or 'unknown'} (data fingerprint `{meta.data_fingerprint[:16]}`), split "
+        f"{meta.split_protocol} with grouping by {meta.grouping}. Images per split:",
+        "",
+        *_counts_table(meta),
     ]
-    cs = meta.get("class_sources") or {}
-    if cs:
-        lines.append("- sources per class:")
-        for label, srcs in cs.items():
-            lines.append(f"  - {label}: " + "; ".join(f"{s} ({n})" for s, n in srcs.items()))
-        single = [label for label, srcs in cs.items() if len(srcs) == 1]
+    if meta.class_sources:
+        lines += ["", "| class | sources (images) |", "|---|---|"]
+        for label, srcs in meta.class_sources.items():
+            lines.append(f"| {label} | " + "; ".join(f"{s} ({n})" for s, n in srcs.items()) + " |")
+        single = [label for label, srcs in meta.class_sources.items() if len(srcs) == 1]
         if single:
-            lines.append(
-                f"- **caveat:** class(es) {', '.join(single)} come from a single source each: the model can "
-                "separate classes by source (hospital, age, markers, resolution) without learning disease."
-            )
+            lines += [
+                "",
+                f"**Caveat:** class(es) {', '.join(single)} come from a single source each: the model can "
+                "separate classes by source (hospital, age, markers, resolution) without learning disease.",
+            ]
     lines += ["", "## Metrics"]
     if metrics and Path(metrics).is_file():
-        from covidscan.reports import _fmt
-
-        m = json.loads(Path(metrics).read_text())
-        mm, ci = m["metrics"], m["ci95"]
-        lines += [
-            f"Evaluated on {m['evaluated_on']} ({m['split_type']}, n = {mm['n']}); 95% bootstrap intervals.",
-            "",
-            f"- accuracy {_fmt(mm['accuracy'], ci.get('accuracy'))} %; ECE {m['ece']:.3f}",
-            "",
-            "| class | sensitivity % | specificity % | PPV % | AUROC |",
-            "|---|---|---|---|---|",
-        ]
-        for c, n in enumerate(names):
-            pc = mm["per_class"]
-            lines.append(
-                f"| {n} | {_fmt(pc['sensitivity'][c], ci.get(f'sensitivity/{c}'))} | "
-                f"{_fmt(pc['specificity'][c], ci.get(f'specificity/{c}'))} | {_fmt(pc['ppv'][c], ci.get(f'ppv/{c}'))} | "
-                f"{_fmt(pc['auroc'][c], ci.get(f'auroc/{c}'), pct=False)} |"
-            )
+        lines += _metrics_section(EvaluationResult.read(metrics))
     else:
-        vm = meta.get("val_metrics", {})
+        vm = meta.val_metrics
         lines.append(
             f"Validation only (run `covidscan evaluate` for test metrics with intervals): accuracy "
-            f"{vm.get('val_acc', float('nan')):.3f}, loss {vm.get('val_loss', float('nan')):.3f}."
+            f"{fmt_interval(vm.get('val_acc'), pct=False)}, loss {fmt_interval(vm.get('val_loss'), pct=False)}."
         )
     if probe and Path(probe).is_file():
         p = json.loads(Path(probe).read_text())

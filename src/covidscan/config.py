@@ -1,5 +1,9 @@
 """Typed configuration: frozen dataclasses; recipes (YAML in ``configs/``) only supply values.
 
+Sections: ``data`` (task, input size, split, preprocessing), ``augment`` (the paper's
+geometry plus source-cue breakers), ``model`` (backbone, head, weights) and ``train``
+(optimiser, epochs, sampler, device).
+
 ``load_config(path, overrides)`` reads a recipe, applies ``section.key=value`` overrides
 (values parsed as YAML scalars, then checked against the field's type) and returns a
 :class:`Config`. ``save_config`` writes the resolved copy saved in each run folder.
@@ -12,6 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
+
+from covidscan.errors import ConfigError
+from covidscan.labels import TASKS
 
 
 @dataclass(frozen=True)
@@ -28,6 +35,7 @@ class DataConfig:
     crop: float = 0.0  # fraction cut from each border before resizing (text, markers); stored in the checkpoint
     lung_crop: bool = False  # crop to the lung fields (heuristic box, covidscan.data.lungs); stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
+    allow_empty_class: bool = False  # train even when a class of the task has no training image (else an error)
 
 
 @dataclass(frozen=True)
@@ -41,6 +49,12 @@ class AugmentConfig:
     hflip: float = 0.5  # probability of a horizontal flip
     brightness: float = 0.0  # intensity augmentation: brightness factor in [1 - b, 1 + b]
     contrast: float = 0.0  # contrast factor in [1 - c, 1 + c]
+    # source-cue breaking (what differs between collections rather than between diseases):
+    crop_scale: float = 0.0  # random resized crop keeping this minimum area fraction (framing); 0 = off
+    gamma: float = 0.0  # gamma drawn log-uniformly in [1 / (1 + g), 1 + g] (exposure, display curve)
+    blur: float = 0.0  # probability of a resolution loss: down-sampling by 1.5-4x, then back up
+    jpeg: float = 0.0  # probability of JPEG re-encoding at a random quality in [30, 95]
+    noise: float = 0.0  # standard deviation of added Gaussian noise, in grey levels of 255 (detector noise)
 
 
 @dataclass(frozen=True)
@@ -94,10 +108,10 @@ def _coerce(value, typ, where: str):
     if typ is bool:
         if isinstance(value, bool):
             return value
-        raise ValueError(f"{where}: expected true/false, got {value!r}")
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
     if typ is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{where}: expected an integer, got {value!r}")
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
         return value
     if typ is float:
         if isinstance(value, str):  # YAML 1.1 reads 1e-3 (no dot) as a string
@@ -106,20 +120,20 @@ def _coerce(value, typ, where: str):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ValueError(f"{where}: expected a number, got {value!r}")
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
         return float(value)
     if typ is str:
         return str(value)
-    raise ValueError(f"{where}: unsupported type {typ}")
+    raise ConfigError(f"{where}: unsupported type {typ}")
 
 
 def _build(cls, values: dict, where: str):
     if not isinstance(values, dict):
-        raise ValueError(f"{where}: expected a mapping, got {values!r}")
+        raise ConfigError(f"{where}: expected a mapping, got {values!r}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = set(values) - set(fields)
     if unknown:
-        raise ValueError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
+        raise ConfigError(f"{where}: unknown key(s) {sorted(unknown)}; valid: {sorted(fields)}")
     kwargs = {}
     for name, value in values.items():
         if cls is Config and name != "name":
@@ -144,7 +158,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
     out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in values.items()}
     for item in overrides:
         if "=" not in item:
-            raise ValueError(f"override {item!r}: expected section.key=value, e.g. train.epochs=3")
+            raise ConfigError(f"override {item!r}: expected section.key=value, e.g. train.epochs=3")
         key, raw = item.split("=", 1)
         parts = key.strip().split(".")
         value = yaml.safe_load(raw) if raw.strip() else ""
@@ -153,7 +167,7 @@ def apply_overrides(values: dict, overrides: list[str]) -> dict:
         elif len(parts) == 2 and parts[0] in _SECTIONS:
             out.setdefault(parts[0], {})[parts[1]] = value
         else:
-            raise ValueError(f"override {item!r}: key must be name or one of {sorted(set(_SECTIONS) - {'name'})}.<field>")
+            raise ConfigError(f"override {item!r}: key must be name or one of {sorted(set(_SECTIONS) - {'name'})}.<field>")
     return out
 
 
@@ -175,24 +189,49 @@ def save_config(cfg: Config, path: str | Path) -> None:
 
 
 def validate(cfg: Config) -> None:
-    from covidscan.labels import TASKS
-
+    """Check values the types cannot (ranges, choices, the backbone name); raises :class:`ConfigError`."""
     if cfg.data.task not in TASKS:
-        raise ValueError(f"data.task={cfg.data.task!r}; choose one of {sorted(TASKS)}")
+        raise ConfigError(f"data.task={cfg.data.task!r}; choose one of {sorted(TASKS)}")
     if cfg.data.protocol not in ("grouped", "paper"):
-        raise ValueError(f"data.protocol={cfg.data.protocol!r}; choose grouped or paper")
+        raise ConfigError(f"data.protocol={cfg.data.protocol!r}; choose grouped or paper")
     if cfg.data.image_size and cfg.data.image_size < 32:
-        raise ValueError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
     if cfg.model.head not in ("linear", "paper"):
-        raise ValueError(f"model.head={cfg.model.head!r}; choose linear or paper")
+        raise ConfigError(f"model.head={cfg.model.head!r}; choose linear or paper")
     if cfg.train.sampler not in ("plain", "balanced"):
-        raise ValueError(f"train.sampler={cfg.train.sampler!r}; choose plain or balanced")
+        raise ConfigError(f"train.sampler={cfg.train.sampler!r}; choose plain or balanced")
     if not 0 <= cfg.data.crop < 0.5:
-        raise ValueError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
+        raise ConfigError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
     if cfg.train.monitor not in ("val_loss", "val_acc"):
-        raise ValueError(f"train.monitor={cfg.train.monitor!r}; choose val_loss or val_acc")
+        raise ConfigError(f"train.monitor={cfg.train.monitor!r}; choose val_loss or val_acc")
+    a = cfg.augment
+    if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
+        raise ConfigError("augment: crop_scale, blur and jpeg must be in [0, 1]; gamma and noise must be >= 0")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
-        raise ValueError("train.epochs, train.batch_size and train.lr must be positive")
-    from covidscan.models import get_backbone
+        raise ConfigError("train.epochs, train.batch_size and train.lr must be positive")
+    # imported here, not at the top: reading a recipe must not pull in torch for commands that never train
+    from covidscan.models import list_backbones
 
-    get_backbone(cfg.model.backbone)  # raises with the registered names
+    if cfg.model.backbone not in list_backbones():
+        raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; registered: {', '.join(list_backbones())}")
+
+
+def replace_cfg(cfg: Config, **sections) -> Config:
+    """``replace_cfg(cfg, train={"epochs": 1})``: a copy with some fields of some sections changed (validated)."""
+    out = dataclasses.replace(cfg, **{k: dataclasses.replace(getattr(cfg, k), **v) for k, v in sections.items()})
+    validate(out)
+    return out
+
+
+def config_diff(a: Config, b: Config) -> dict[str, tuple]:
+    """``{"train.epochs": (3, 5), ...}``: the fields whose values differ between two configs."""
+    da, db = a.to_dict(), b.to_dict()
+    out = {}
+    for section, values in da.items():
+        if isinstance(values, dict):
+            for k, v in values.items():
+                if db[section].get(k) != v:
+                    out[f"{section}.{k}"] = (v, db[section].get(k))
+        elif db.get(section) != values:
+            out[section] = (values, db.get(section))
+    return out

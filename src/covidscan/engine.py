@@ -1,25 +1,34 @@
-"""The one training / evaluation loop, for every backbone, head and task.
+"""The one training loop, for every backbone, head and task, made of small named parts.
 
-``train(cfg, data, out)`` loads the data, makes (or reads) a leak-free split, builds the
-model, trains with Adam, selects the best epoch on *validation* only, and writes into
-``out``: ``config.yaml`` (resolved), ``split.csv``, ``history.jsonl`` (one line per
-epoch), ``best.pt`` and ``last.pt``. ``resume=True`` continues from ``last.pt`` and ends
-with the same weights as an uninterrupted run (same seed, CPU): every epoch's shuffling,
-augmentation and dropout draw from a generator seeded by ``(seed, epoch)``.
+``train(cfg, data, out)`` reads like the recipe::
 
-Under ``torchrun --nproc_per_node=N`` it trains with DistributedDataParallel: a
-distributed sampler, gradients averaged across processes, and logging, validation and
-checkpoints on rank 0.
+    run = RunContext.from_env(...)            # device, torchrun ranks
+    split = make_split(...)                   # leak-free, grouped by default
+    model = build_model(...)                  # before anything is written: a missing weights file
+    data = build_datasets(...)                #   or an unreadable dataset leaves no half-made run
+    keeper = CheckpointKeeper(out, ...)       # best / last checkpoints, history, early stopping, resume
+    for epoch:
+        train_one_epoch(...) -> {"train_loss", "train_acc", ...}
+        validate(...)        -> {"val_loss", "val_acc"}
+        keeper.update(...)   -> stop?
+
+Files in ``out``: ``config.yaml`` (resolved), ``split.csv``, ``history.jsonl`` (one line per
+epoch), ``best.pt`` and ``last.pt``. A folder that already holds a run is refused unless
+``resume`` (continue it) or ``overwrite`` (start again). ``resume=True`` continues from
+``last.pt`` and ends with the same weights as an uninterrupted run (same seed, CPU): every
+epoch's shuffling, augmentation and dropout draw from a generator seeded by
+``(seed, epoch)``. Under ``torchrun`` it trains with DistributedDataParallel: a distributed
+sampler, gradients averaged across processes, and validation and checkpoints on rank 0.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import time
-from contextlib import nullcontext
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -27,14 +36,22 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 
-from covidscan.checkpoint import library_versions, load_checkpoint, save_checkpoint
-from covidscan.config import Config, config_from_dict, save_config
+from covidscan.appearance import appearance_reference
+from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
+from covidscan.config import Config, config_diff, config_from_dict, save_config
 from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
-from covidscan.data.dataset import ImageStore, ScanDataset, balanced_weights, default_cache_dir
+from covidscan.data.dataset import FeatureDataset, ImageStore, ScanDataset, balanced_weights, default_cache_dir
 from covidscan.data.transforms import Preprocess, build_augment, model_input
+from covidscan.errors import ConfigError, DataError
+from covidscan.evaluation import predict_loader
 from covidscan.models import build_model
+from covidscan.runtime import RunContext, autocast_for
 
 logger = logging.getLogger(__name__)
+
+RUN_FILES = ("best.pt", "last.pt", "history.jsonl")
+#: settings that may change when a run is resumed (they do not change what was already trained)
+RESUMABLE = {"train.epochs", "train.early_stopping", "train.device", "data.num_workers", "data.cache", "data.cache_dir"}
 
 
 @dataclass
@@ -49,16 +66,12 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"train.device={name!r} but CUDA is not available; use cpu or auto")
-    return torch.device(name)
-
-
 def make_split(cfg: Config, data, split_file: Path | None = None) -> Split:
-    """Read ``split_file``, or split ``data`` by ``cfg.data.protocol`` (grouped by default)."""
+    """Read ``split_file``, or split ``data`` by ``cfg.data.protocol`` (grouped by default).
+
+    Raises:
+        DataError: the split leaves train or validation empty, or a class has no training image.
+    """
     if split_file is not None:
         split = read_split(split_file, cfg.data.task)
     else:
@@ -67,22 +80,68 @@ def make_split(cfg: Config, data, split_file: Path | None = None) -> Split:
         split = fn(index, test=cfg.data.test, val=cfg.data.val, seed=cfg.data.split_seed)
     for name in ("train", "val"):
         if not split.indices(name):
-            raise ValueError(f"the split has no {name} images; need more data or other fractions")
+            raise DataError(f"the split has no {name} images; need more data or other fractions")
+    counts = split.counts()["train"]
+    empty = [c for c in split.index.class_names if counts[c] == 0]
+    if empty and not cfg.data.allow_empty_class:
+        raise DataError(
+            f"no training images of class(es) {', '.join(empty)} for task {cfg.data.task!r} "
+            f"(classes {', '.join(split.index.class_names)}); add them, or set data.allow_empty_class=true"
+        )
     return split
 
 
-def autocast_for(device: torch.device, cfg: Config):
-    if device.type == "cuda" and cfg.train.amp:
-        return torch.autocast("cuda", dtype=torch.bfloat16)
-    if device.type == "cpu" and cfg.train.cpu_bf16:
-        return torch.autocast("cpu", dtype=torch.bfloat16)
-    return nullcontext()
+# --- the run folder -------------------------------------------------------------------------
 
 
-def _num_workers(cfg: Config, device: torch.device) -> int:
-    if cfg.data.num_workers >= 0:
-        return cfg.data.num_workers
-    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to write a new run over an existing one unless asked to.
+
+    Raises:
+        ConfigError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set,
+            or both are set.
+    """
+    if resume and overwrite:
+        raise ConfigError("--resume continues a run and --overwrite starts it again: choose one")
+    found = [n for n in RUN_FILES if (out / n).exists()]
+    if found and not (resume or overwrite):
+        raise ConfigError(
+            f"{out} already holds a run ({', '.join(found)}); use --resume to continue it, "
+            "--overwrite to replace it, or another --out"
+        )
+
+
+def resumed_config(saved: Config, asked: Config | None, where: Path) -> Config:
+    """The config of a resumed run: the saved one, with the changes in :data:`RESUMABLE` taken from ``asked``.
+
+    Raises:
+        ConfigError: ``asked`` changes a setting that would make the resumed run another run
+            (listing every such difference), or lowers ``train.epochs`` below the epochs done.
+    """
+    if asked is None:
+        return saved
+    diff = {k: v for k, v in config_diff(saved, asked).items() if k != "name"}
+    refused = {k: v for k, v in diff.items() if k not in RESUMABLE}
+    if refused:
+        listed = "; ".join(f"{k}: saved {a!r}, asked {b!r}" for k, (a, b) in sorted(refused.items()))
+        raise ConfigError(f"{where}: cannot resume with other settings ({listed}); start a new run with another --out")
+    if diff:
+        logger.info("resume: changed %s", ", ".join(f"{k} {a!r} -> {b!r}" for k, (a, b) in sorted(diff.items())))
+    return config_from_dict({**asked.to_dict(), "name": saved.name}, str(where))
+
+
+# --- data -----------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainData:
+    """The decoded images and the datasets one run trains and validates on."""
+
+    pre: Preprocess
+    store: ImageStore
+    train: ScanDataset | FeatureDataset
+    val: ScanDataset | FeatureDataset
+    train_records: list  # Record of each training item, in train.indices order (for the balanced sampler)
 
 
 def _cache_dir(cfg: Config) -> Path | None:
@@ -93,111 +152,282 @@ def _cache_dir(cfg: Config) -> Path | None:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else None
 
 
+def build_datasets(cfg: Config, split: Split, pre: Preprocess, *, progress: bool = False) -> TrainData:
+    """Decode (or read from the cache) the train and validation images once; wrap them as datasets."""
+    index = split.index
+    targets = index.targets()
+    tr_idx, va_idx = split.indices("train"), split.indices("val")
+    need = sorted(set(tr_idx) | set(va_idx))
+    store = ImageStore([index.records[i] for i in need], pre, cache_dir=_cache_dir(cfg), progress=progress)
+    pos = {i: k for k, i in enumerate(need)}  # dataset index -> store row
+    store_targets = [targets[i] for i in need]
+    train_ds = ScanDataset(store, [pos[i] for i in tr_idx], store_targets, pre, build_augment(cfg.augment, pre.image_size))
+    val_ds = ScanDataset(store, [pos[i] for i in va_idx], store_targets, pre)
+    if not len(train_ds):
+        raise DataError("no readable training image (every one was skipped)")
+    records = [index.records[need[i]] for i in train_ds.indices]
+    return TrainData(pre, store, train_ds, val_ds, records)
+
+
+def uses_feature_cache(cfg: Config, run: RunContext) -> bool:
+    """Frozen backbone, no augmentation, one process: the backbone's output is the same every
+    epoch, so it is computed once and the head trained on it (equivalent up to float rounding)."""
+    return cfg.model.freeze_backbone and cfg.train.feature_cache and not cfg.augment.enabled and not run.distributed
+
+
 @torch.no_grad()
-def predict_loader(
-    model, loader, device, ctx=nullcontext, pre: Preprocess | None = None
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean loss."""
-    model.eval()
-    probs, labels, idx, loss_sum = [], [], [], 0.0
-    for batch in loader:
+def backbone_features(model, ds: ScanDataset, device, cfg: Config) -> torch.Tensor:
+    """``N x C x h x w`` backbone outputs of every item of ``ds``, in order."""
+    model.backbone.eval()
+    out = []
+    for batch in DataLoader(ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False):
+        with autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16):
+            out.append(model.backbone(model_input(batch["image"], ds.pre, device)).float())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def train_sampler(cfg: Config, data: TrainData, epoch: int, run: RunContext, gen: torch.Generator):
+    """This epoch's order: distributed, label x source balanced, or a plain shuffle (seeded by ``gen``)."""
+    if run.distributed:
+        from torch.utils.data.distributed import DistributedSampler
+
+        sampler = DistributedSampler(data.train, shuffle=True, seed=cfg.train.seed)
+        sampler.set_epoch(epoch)
+        return sampler
+    if cfg.train.sampler == "balanced":
+        w = balanced_weights([r.label for r in data.train_records], [r.source for r in data.train_records])
+        return WeightedRandomSampler(w, num_samples=len(data.train), replacement=True, generator=gen)
+    return RandomSampler(data.train, generator=gen)
+
+
+def num_workers(cfg: Config, device: torch.device) -> int:
+    """``data.num_workers``; -1 = 0 on CPU (compute-bound, measured) and min(8, cores) on CUDA."""
+    if cfg.data.num_workers >= 0:
+        return cfg.data.num_workers
+    return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+# --- one epoch, validation --------------------------------------------------------------------
+
+
+def make_optimizer(cfg: Config, model) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]
+    return torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+
+
+def class_weights(cfg: Config, labels: list[int], num_classes: int, device) -> torch.Tensor | None:
+    """Inverse class frequency in train (``train.class_weights``), else None."""
+    if not cfg.train.class_weights:
+        return None
+    counts = np.bincount(labels, minlength=num_classes).astype(np.float64)
+    return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
+
+
+def train_one_epoch(
+    net, loader, optimizer, *, pre, device, autocast, class_w=None, channels_last=False, max_batches=0, bar=None
+) -> dict:
+    """One pass over ``loader``; returns ``{"train_loss", "train_acc", "seen"}`` (means over images)."""
+    seen, correct, loss_sum = 0, 0, 0.0
+    for b, batch in enumerate(loader):
+        if max_batches and b >= max_batches:
+            break
         x = model_input(batch["image"], pre, device)
-        y = batch["label"].to(device)
-        with ctx():
-            logits = model(x).float()
-        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
-        probs.append(logits.softmax(1).cpu())
-        labels.append(y.cpu())
-        idx.append(batch["index"])
-    p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
-    return p, y, torch.cat(idx).numpy(), loss_sum / max(len(y), 1)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        y = batch["label"].to(device, non_blocking=True)
+        with autocast():
+            logits = net(x)
+        loss = F.cross_entropy(logits.float(), y, weight=class_w)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        n = y.numel()
+        seen += n
+        loss_sum += loss.item() * n
+        correct += (logits.argmax(1) == y).sum().item()
+        if bar is not None:
+            bar.update()
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seen": seen}
 
 
-def _dist_info() -> tuple[int, int, int]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    return world, int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+def validate(net, loader, *, pre, device, autocast) -> dict:
+    """``{"val_loss", "val_acc"}`` over the whole validation set."""
+    probs, ys, _, val_loss = predict_loader(net, loader, device, autocast, pre)
+    return {"val_loss": val_loss, "val_acc": float((probs.argmax(1) == ys).mean()) if len(ys) else 0.0}
+
+
+# --- checkpoints ----------------------------------------------------------------------------
+
+
+def _cpu_state(model) -> dict:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+
+
+class CheckpointKeeper:
+    """Owns ``best.pt``, ``last.pt`` and ``history.jsonl``, the best epoch and early stopping.
+
+    ``update`` is called once per epoch on the main process with that epoch's metrics; it
+    appends the history line, saves ``best.pt`` when the monitored value improved and
+    ``last.pt`` (with the optimizer and this keeper's state, for resuming) every epoch, and
+    returns True when early stopping says stop.
+    """
+
+    def __init__(self, out: Path, meta: CheckpointMeta, *, monitor: str = "val_loss", patience: int = 0):
+        self.out, self.meta = out, meta
+        self.monitor, self.patience = monitor, patience
+        self.higher_better = monitor == "val_acc"
+        self.best_value, self.best_epoch, self.bad_epochs = None, 0, 0
+        self.best_metrics: dict = {}
+        self.history: list[dict] = []
+
+    @property
+    def best_path(self) -> Path:
+        return self.out / "best.pt"
+
+    @property
+    def last_path(self) -> Path:
+        return self.out / "last.pt"
+
+    def state(self, optimizer, epoch: int) -> dict:
+        return {
+            "optimizer": optimizer.state_dict(),
+            "epoch": epoch,
+            "best_value": self.best_value,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "best_metrics": self.best_metrics,
+            "history": self.history,
+        }
+
+    def restore(self, ts: dict) -> int:
+        """Take a ``last.pt`` train state; returns the next epoch to run."""
+        self.best_value, self.best_epoch, self.bad_epochs = ts["best_value"], ts["best_epoch"], ts["bad_epochs"]
+        self.best_metrics, self.history = ts["best_metrics"], list(ts["history"])
+        return ts["epoch"] + 1
+
+    def update(self, epoch: int, row: dict, model, optimizer) -> bool:
+        self.history.append(row)
+        with open(self.out / "history.jsonl", "a" if epoch > 1 else "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        value = row[self.monitor]
+        improved = self.best_value is None or (value > self.best_value if self.higher_better else value < self.best_value)
+        state = _cpu_state(model)
+        if improved:
+            self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
+            self.best_metrics = {"val_loss": row["val_loss"], "val_acc": row["val_acc"], "epoch": epoch}
+            save_checkpoint(self.best_path, state, self.meta.replace(epoch=epoch, val_metrics=self.best_metrics))
+        else:
+            self.bad_epochs += 1
+        save_checkpoint(self.last_path, state, self.meta.replace(epoch=epoch, val_metrics=row), self.state(optimizer, epoch))
+        if self.patience and self.bad_epochs >= self.patience:
+            logger.info("early stopping: no %s improvement for %d epochs", self.monitor, self.bad_epochs)
+            return True
+        return False
+
+
+def _split_fingerprint(split: Split) -> str:
+    h = hashlib.sha256()
+    for rec, s in sorted(zip(split.index.records, split.assignment), key=lambda t: str(t[0].path)):
+        h.update(f"{rec.path.name},{s}\n".encode())
+    return h.hexdigest()
+
+
+def checkpoint_meta(cfg: Config, split: Split, data: TrainData, backbone: str, weights_source: str) -> CheckpointMeta:
+    """Everything a checkpoint of this run records about itself (:class:`CheckpointMeta`)."""
+    index = split.index
+    valid_train = [k for k in data.train.indices if data.store.valid[k]]
+    return CheckpointMeta(
+        task=index.task,
+        class_names=tuple(index.class_names),
+        backbone=backbone,
+        head=cfg.model.head,
+        preprocess=data.pre,
+        weights_source=weights_source,
+        config=cfg.to_dict(),
+        reference=appearance_reference(data.store.images[valid_train]),
+        data_fingerprint=index.fingerprint(),
+        split_fingerprint=_split_fingerprint(split),
+        split_protocol=split.protocol,
+        grouping=index.grouping,
+        train_counts=split.counts(),
+        sources=sorted({r.source for r in index.records}),
+        class_sources=index.sources(),
+        data_origins=[str(o) for o in index.origins],
+        versions=library_versions(),
+    )
+
+
+# --- the loop -------------------------------------------------------------------------------
 
 
 def train(
-    cfg: Config,
+    cfg: Config | None,
     data=None,
     out: str | Path = "runs/run",
     *,
     split_file: str | Path | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = False,
     stop_after_epoch: int | None = None,
 ) -> TrainResult:
     """Train ``cfg`` on ``data`` (folders / manifests) into ``out``; see the module docstring.
 
-    ``stop_after_epoch`` ends the run early as if interrupted (for tests of ``resume``).
+    With ``resume``, ``cfg`` may be None (the saved config) or the saved config with
+    :data:`RESUMABLE` changes (more epochs, say). ``stop_after_epoch`` ends the run early as
+    if interrupted (for tests of ``resume``).
+
+    Raises:
+        ConfigError: ``out`` holds a run (without resume / overwrite), or resume asks for other settings.
+        DataError, ImageReadError, FileNotFoundError: the data cannot be used.
+        WeightsUnavailableError: ImageNet weights asked for and none found (nothing written then).
     """
     out = Path(out)
     t_start = time.perf_counter()
-    world, rank, local_rank = _dist_info()
-    distributed = world > 1
+    check_run_folder(out, resume=resume, overwrite=overwrite)
     state = None
     if resume:
-        last = out / "last.pt"
-        obj = load_checkpoint(last)
-        if "train_state" not in obj:
-            raise ValueError(f"{last}: holds no training state to resume from")
-        cfg = config_from_dict(obj["meta"]["config"], str(last))
+        state = load_checkpoint(out / "last.pt")
+        if "train_state" not in state:
+            raise ConfigError(f"{out / 'last.pt'}: holds no training state to resume from")
+        saved = config_from_dict(state["meta"].config, str(out / "last.pt"))
+        cfg = resumed_config(saved, cfg, out)
         split_file = out / "split.csv"
-        state = obj
-    device = resolve_device(cfg.train.device)
-    if distributed:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-    is_main = rank == 0
-
+    if cfg is None:
+        raise ConfigError("train needs a config")
+    run = RunContext.from_env(cfg.train.device)
     split = make_split(cfg, data, Path(split_file) if split_file else None)
-    index = split.index
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, out / "config.yaml")
-        if not resume:
-            write_split(split, out / "split.csv")
-        logger.info("split (%s):\n%s", split.protocol, split.format_counts())
-
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+    with torch.random.fork_rng(devices=[run.device] if run.device.type == "cuda" else []):
         torch.manual_seed(cfg.train.seed)
         model, weights_source = build_model(
             cfg.model.backbone,
             cfg.model.head,
-            len(index.class_names),
+            len(split.index.class_names),
             weights=cfg.model.weights,
             download=cfg.model.download,
             dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
         )
-        return _fit(
-            cfg, model, weights_source, split, out, device, state, progress, stop_after_epoch, distributed, rank, is_main, t_start
-        )
+        pre = Preprocess.from_config(model.spec, cfg.data)
+        train_data = build_datasets(cfg, split, pre, progress=progress and run.is_main)
+        # everything that can fail on bad input has run: only now is the run folder written
+        if run.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+            if not resume:
+                write_split(split, out / "split.csv")
+                (out / "history.jsonl").unlink(missing_ok=True)
+            logger.info("split (%s):\n%s", split.protocol, split.format_counts())
+        meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source)
+        keeper = CheckpointKeeper(out, meta, monitor=cfg.train.monitor, patience=cfg.train.early_stopping)
+        return _fit(cfg, model, train_data, keeper, run, state, progress, stop_after_epoch, t_start)
 
 
 def _fit(
-    cfg, model, weights_source, split, out, device, state, progress, stop_after_epoch, distributed, rank, is_main, t_start
+    cfg: Config, model, data: TrainData, keeper: CheckpointKeeper, run: RunContext, state, progress, stop_after_epoch, t_start
 ) -> TrainResult:
-    index = split.index
-    pre = Preprocess.for_backbone(
-        model.spec, cfg.data.image_size, equalize=cfg.data.equalize, crop=cfg.data.crop, lung_crop=cfg.data.lung_crop
-    )
-    targets = index.targets()
-    tr_idx, va_idx = split.indices("train"), split.indices("val")
-    need = sorted(set(tr_idx) | set(va_idx))
-    store = ImageStore([index.records[i] for i in need], pre, cache_dir=_cache_dir(cfg), progress=progress and is_main)
-    pos = {i: k for k, i in enumerate(need)}  # dataset index -> store row
-    store_targets = [targets[i] for i in need]
-    train_ds = ScanDataset(store, [pos[i] for i in tr_idx], store_targets, pre, build_augment(cfg.augment, pre.image_size))
-    val_ds = ScanDataset(store, [pos[i] for i in va_idx], store_targets, pre)
-    workers = _num_workers(cfg, device)
-    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda", persistent_workers=False)
-
+    """Set the model up on the device (frozen parts, feature cache, DDP) and run the epochs."""
+    device = run.device
     if cfg.model.freeze_backbone:
         model.backbone.requires_grad_(False)
     if device.type == "cuda":
@@ -205,260 +435,91 @@ def _fit(
     model.to(device)
     if cfg.train.channels_last:  # NHWC: measured +24% InceptionV3 training on CPU, neutral for DenseNet
         model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
-    class_w = None
-    if cfg.train.class_weights:
-        counts = np.bincount(train_ds.labels(), minlength=len(index.class_names)).astype(np.float64)
-        class_w = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
-
-    net = model
-    fast = cfg.model.freeze_backbone and cfg.train.feature_cache and not cfg.augment.enabled and not distributed
+    optimizer = make_optimizer(cfg, model)
+    class_w = class_weights(cfg, data.train.labels(), len(keeper.meta.class_names), device)
+    workers = num_workers(cfg, device)
+    net, fast = model, uses_feature_cache(cfg, run)
     if cfg.model.freeze_backbone and cfg.train.feature_cache and cfg.augment.enabled:
         logger.info("feature cache off: augmentation changes the backbone's input every epoch")
-    if fast:
-        # Frozen backbone (eval mode, no gradients) and fixed inputs: its output is the same every
-        # epoch, so compute it once and train the head on it. Same batches, same dropout draws:
-        # equivalent to the full loop up to float rounding.
-        train_ds = FeatureDataset(_features(model, train_ds, device, cfg), train_ds)
-        val_ds = FeatureDataset(_features(model, val_ds, device, cfg), val_ds)
-        net = model.head
-        loader_kw["num_workers"] = 0
-    if distributed:
+    if fast:  # same batches, same dropout draws as the full loop: equivalent up to float rounding
+        data.train = FeatureDataset(backbone_features(model, data.train, device, cfg), data.train)
+        data.val = FeatureDataset(backbone_features(model, data.val, device, cfg), data.val)
+        net, workers = model.head, 0
+    if run.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-
-    history: list[dict] = []
-    start_epoch, best_value, best_epoch, bad_epochs, best_metrics = 1, None, 0, 0, {}
+    start_epoch = 1
     if state is not None:
         model.load_state_dict(state["state_dict"])
-        ts = state["train_state"]
-        optimizer.load_state_dict(ts["optimizer"])
-        start_epoch = ts["epoch"] + 1
-        best_value, best_epoch, bad_epochs = ts["best_value"], ts["best_epoch"], ts["bad_epochs"]
-        best_metrics = ts["best_metrics"]
-        history = list(ts["history"])
-        logger.info("resuming %s at epoch %d", out, start_epoch)
-
-    reference = appearance_reference(store.images[[pos[i] for i in tr_idx if store.valid[pos[i]]]])
-    meta_base = {
-        "reference": reference,
-        "task": index.task,
-        "class_names": list(index.class_names),
-        "backbone": cfg.model.backbone,
-        "head": cfg.model.head,
-        "preprocess": pre.to_dict(),
-        "weights_source": weights_source,
-        "config": cfg.to_dict(),
-        "data_fingerprint": index.fingerprint(),
-        "split_fingerprint": _split_fingerprint(split),
-        "split_protocol": split.protocol,
-        "grouping": index.grouping,
-        "train_counts": split.counts(),
-        "sources": sorted({r.source for r in index.records}),
-        "class_sources": index.sources(),
-        "data_origins": [str(o) for o in index.origins],
-        "versions": library_versions(),
-    }
-    ctx = lambda: autocast_for(device, cfg)  # noqa: E731
-    higher_better = cfg.train.monitor == "val_acc"
-    best_path, last_path = out / "best.pt", out / "last.pt"
-
+        optimizer.load_state_dict(state["train_state"]["optimizer"])
+        start_epoch = keeper.restore(state["train_state"])
+        logger.info("resuming %s at epoch %d", keeper.out, start_epoch)
+    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
+    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         t0 = time.perf_counter()
         seed = cfg.train.seed * 100_003 + epoch
         torch.manual_seed(seed)  # inside train()'s fork_rng: augmentation and dropout of this epoch
         gen = torch.Generator().manual_seed(seed)
-        if distributed:
-            from torch.utils.data.distributed import DistributedSampler
-
-            sampler = DistributedSampler(train_ds, shuffle=True, seed=cfg.train.seed)
-            sampler.set_epoch(epoch)
-        elif cfg.train.sampler == "balanced":
-            recs = [index.records[need[i]] for i in train_ds.indices]
-            w = balanced_weights([r.label for r in recs], [r.source for r in recs])
-            sampler = WeightedRandomSampler(w, num_samples=len(train_ds), replacement=True, generator=gen)
-        else:
-            sampler = RandomSampler(train_ds, generator=gen)
         loader = DataLoader(
-            train_ds,
+            data.train,
             batch_size=cfg.train.batch_size,
-            sampler=sampler,
-            drop_last=len(train_ds) > cfg.train.batch_size,
+            sampler=train_sampler(cfg, data, epoch, run, gen),
+            drop_last=len(data.train) > cfg.train.batch_size,
             generator=gen,
             **loader_kw,
         )
         net.train()
         if cfg.model.freeze_backbone:
             model.backbone.eval()  # frozen batch-norm statistics too
-        seen, correct, loss_sum = 0, 0, 0.0
-        bar = None
-        if progress and is_main:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False)
-        for b, batch in enumerate(loader):
-            if cfg.train.max_batches and b >= cfg.train.max_batches:
-                break
-            x = model_input(batch["image"], pre, device)
-            if cfg.train.channels_last and not fast:
-                x = x.contiguous(memory_format=torch.channels_last)
-            y = batch["label"].to(device, non_blocking=True)
-            with ctx():
-                logits = net(x)
-            loss = F.cross_entropy(logits.float(), y, weight=class_w)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            n = y.numel()
-            seen += n
-            loss_sum += loss.item() * n
-            correct += (logits.argmax(1) == y).sum().item()
-            if bar:
-                bar.update()
-                bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-        if bar:
+        bar = _bar(len(loader), f"epoch {epoch}/{cfg.train.epochs}") if progress and run.is_main else None
+        row = train_one_epoch(
+            net,
+            loader,
+            optimizer,
+            pre=data.pre,
+            device=device,
+            autocast=autocast,
+            class_w=class_w,
+            channels_last=cfg.train.channels_last and not fast,
+            max_batches=cfg.train.max_batches,
+            bar=bar,
+        )
+        if bar is not None:
             bar.close()
         train_secs = time.perf_counter() - t0
-
         stop = torch.zeros(1)
-        if is_main:
-            val_loader = DataLoader(val_ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
-            probs, ys, _, val_loss = predict_loader(net if fast else model, val_loader, device, ctx, pre)
-            val_acc = float((probs.argmax(1) == ys).mean()) if len(ys) else 0.0
-            row = {
-                "epoch": epoch,
-                "train_loss": loss_sum / max(seen, 1),
-                "train_acc": correct / max(seen, 1),
-                "val_loss": val_loss,
-                "val_acc": val_acc,
-                "train_images_per_s": seen / max(train_secs, 1e-9),
-                "seconds": time.perf_counter() - t0,
-            }
-            history.append(row)
-            with open(out / "history.jsonl", "a" if epoch > 1 else "w", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
+        if run.is_main:
+            val_loader = DataLoader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
+            row = {"epoch": epoch, "train_loss": row["train_loss"], "train_acc": row["train_acc"], "seen": row["seen"]}
+            row.update(validate(net if fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
+            row["train_images_per_s"] = row.pop("seen") / max(train_secs, 1e-9)
+            row["seconds"] = time.perf_counter() - t0
             logger.info(
                 "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  (%.0fs)",
-                epoch,
-                cfg.train.epochs,
-                row["train_loss"],
-                row["train_acc"],
-                val_loss,
-                val_acc,
-                row["seconds"],
-            )
-            value = val_acc if higher_better else val_loss
-            improved = best_value is None or (value > best_value if higher_better else value < best_value)
-            if improved:
-                best_value, best_epoch, bad_epochs = value, epoch, 0
-                best_metrics = {"val_loss": val_loss, "val_acc": val_acc, "epoch": epoch}
-                save_checkpoint(best_path, _cpu_state(model), {**meta_base, "epoch": epoch, "val_metrics": best_metrics})
-            else:
-                bad_epochs += 1
-            train_state = {
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "best_value": best_value,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "best_metrics": best_metrics,
-                "history": history,
-            }
-            save_checkpoint(last_path, _cpu_state(model), {**meta_base, "epoch": epoch, "val_metrics": row}, train_state)
-            if cfg.train.early_stopping and bad_epochs >= cfg.train.early_stopping:
-                logger.info("early stopping: no %s improvement for %d epochs", cfg.train.monitor, bad_epochs)
-                stop[0] = 1
-        if distributed:
+                epoch, cfg.train.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
+            )  # fmt: skip
+            stop[0] = float(keeper.update(epoch, row, model, optimizer))
+        if run.distributed:
             import torch.distributed as dist
 
             dist.broadcast(stop, src=0)
         if stop.item() or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
     return TrainResult(
-        out=out,
-        best_checkpoint=best_path,
-        last_checkpoint=last_path,
-        best_epoch=best_epoch,
-        best_metrics=best_metrics,
-        weights_source=weights_source,
+        out=keeper.out,
+        best_checkpoint=keeper.best_path,
+        last_checkpoint=keeper.last_path,
+        best_epoch=keeper.best_epoch,
+        best_metrics=keeper.best_metrics,
+        weights_source=keeper.meta.weights_source,
         seconds=time.perf_counter() - t_start,
-        history=history,
+        history=keeper.history,
     )
 
 
-THUMB = 16  # side of the appearance thumbnails used to flag inputs unlike the training scans
+def _bar(total: int, desc: str):
+    from tqdm.auto import tqdm
 
-
-def thumbnails(images: torch.Tensor) -> torch.Tensor:
-    """``N x 1 x S x S`` uint8 -> ``N x THUMB*THUMB`` float, each row centred and scaled to unit norm."""
-    t = F.adaptive_avg_pool2d(images.float(), THUMB).flatten(1)
-    t = t - t.mean(1, keepdim=True)
-    return t / t.norm(dim=1, keepdim=True).clamp_min(1e-6)
-
-
-def appearance_reference(images: torch.Tensor) -> dict:
-    """Mean training thumbnail and the 1st percentile of training images' correlation with it.
-
-    At prediction time an input whose correlation falls below that percentile (e.g. a CT
-    slice given to an X-ray model) gets a warning; see ``covidscan.inference``.
-    """
-    if len(images) == 0:
-        return {}
-    th = thumbnails(images)
-    mean = th.mean(0)
-    mean = mean / mean.norm().clamp_min(1e-6)
-    corr = th @ mean
-    return {"thumb": mean.tolist(), "corr_p01": float(torch.quantile(corr, 0.01)), "side": THUMB}
-
-
-class FeatureDataset(torch.utils.data.Dataset):
-    """Backbone outputs (``N x C x h x w``) standing in for the images of ``base`` (same order, labels)."""
-
-    def __init__(self, features: torch.Tensor, base: ScanDataset):
-        self.features = features
-        self.base = base
-
-    def __len__(self) -> int:
-        return len(self.base)
-
-    @property
-    def indices(self) -> list[int]:
-        return self.base.indices
-
-    def labels(self) -> list[int]:
-        return self.base.labels()
-
-    def __getitem__(self, k: int) -> dict:
-        i = self.base.indices[k]
-        return {"image": self.features[k], "label": self.base.targets[i], "index": i}
-
-
-@torch.no_grad()
-def _features(model, ds: ScanDataset, device, cfg) -> torch.Tensor:
-    model.backbone.eval()
-    loader = DataLoader(ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False)
-    out = []
-    for batch in loader:
-        with autocast_for(device, cfg):
-            out.append(model.backbone(model_input(batch["image"], ds.pre, device)).float())
-    return torch.cat(out) if out else torch.zeros(0)
-
-
-def _cpu_state(model) -> dict:
-    return {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
-
-
-def _split_fingerprint(split: Split) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-    for rec, s in sorted(zip(split.index.records, split.assignment), key=lambda t: str(t[0].path)):
-        h.update(f"{rec.path.name},{s}\n".encode())
-    return h.hexdigest()
-
-
-def replace_cfg(cfg: Config, **sections) -> Config:
-    """``replace_cfg(cfg, train={"epochs": 1})``: a copy with some fields of some sections changed."""
-    return replace(cfg, **{k: replace(getattr(cfg, k), **v) for k, v in sections.items()})
+    return tqdm(total=total, desc=desc, unit="batch", leave=False)

@@ -3,27 +3,55 @@
 Data to evaluate, in order: ``split_file`` + ``subset``; else ``data`` (every image: an
 external validation set); else the run's own ``split.csv`` (beside the checkpoint), test
 subset. Classes absent from the evaluated set are reported as absent, with undefined
-metrics left as ``nan``.
+metrics (``null`` in ``metrics.json``). Prediction over a loader (:func:`predict_loader`)
+lives here and is what training's validation uses too.
 """
 
 from __future__ import annotations
 
-import json
 import logging
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data import DatasetIndex, load_dataset, read_split
 from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir
-from covidscan.data.transforms import Preprocess
+from covidscan.data.transforms import Preprocess, model_input
+from covidscan.errors import DataError
 from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
+from covidscan.reports import write_evaluation
+from covidscan.results import EvaluationResult
+from covidscan.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def predict_loader(
+    model, loader, device, autocast=nullcontext, pre: Preprocess | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean cross-entropy."""
+    model.eval()
+    probs, labels, idx, loss_sum = [], [], [], 0.0
+    for batch in loader:
+        x = model_input(batch["image"], pre, device)
+        y = batch["label"].to(device)
+        with autocast():
+            logits = model(x).float()
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+        probs.append(logits.softmax(1).cpu())
+        labels.append(y.cpu())
+        idx.append(batch["index"])
+    if not probs:
+        return np.zeros((0, 0)), np.zeros(0, dtype=int), np.zeros(0, dtype=int), 0.0
+    p, y = torch.cat(probs).numpy(), torch.cat(labels).numpy()
+    return p, y, torch.cat(idx).numpy(), loss_sum / max(len(y), 1)
 
 
 @dataclass
@@ -36,7 +64,7 @@ class Predictions:
 
 def predict_index(
     model,
-    meta: dict,
+    meta: CheckpointMeta,
     index: DatasetIndex,
     *,
     device: str = "auto",
@@ -46,12 +74,10 @@ def predict_index(
     store: ImageStore | None = None,
 ) -> Predictions:
     """Softmax probabilities of ``model`` for every readable image of ``index``."""
-    from covidscan.engine import predict_loader, resolve_device
-
     dev = resolve_device(device)
-    pre = Preprocess.from_dict(meta["preprocess"])
+    pre = meta.preprocess
     store = store or ImageStore(index.records, pre, cache_dir=cache_dir, progress=progress)
-    targets = [meta["class_names"].index(r.label) for r in index.records]
+    targets = [meta.class_names.index(r.label) for r in index.records]
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
     model.to(dev)
@@ -63,19 +89,22 @@ def predict_index(
 def select_data(
     checkpoint: Path, data=None, split_file=None, subset: str = "test", task: str | None = None
 ) -> tuple[DatasetIndex, str]:
-    """The images to evaluate and a description of where they come from."""
+    """The images to evaluate and a description of where they come from.
+
+    Raises:
+        DataError: nothing to evaluate (no data, no split, no ``split.csv`` beside the checkpoint).
+    """
     if split_file is not None:
         split = read_split(split_file, task)
         return split.subset(subset), f"{subset} subset of {split_file} ({split.protocol} split)"
     if data:
-        return load_dataset(
-            data, task
-        ), f"all images of {', '.join(str(d) for d in ([data] if isinstance(data, (str, Path)) else data))}"
+        names = ", ".join(str(d) for d in ([data] if isinstance(data, (str, Path)) else data))
+        return load_dataset(data, task), f"all images of {names}"
     own = Path(checkpoint).parent / "split.csv"
     if own.is_file():
         split = read_split(own, task)
         return split.subset(subset), f"{subset} subset of the run's split {own} ({split.protocol} split)"
-    raise ValueError("nothing to evaluate: give --data or --split (no split.csv beside the checkpoint)")
+    raise DataError("nothing to evaluate: give --data or --split (no split.csv beside the checkpoint)")
 
 
 def evaluate(
@@ -90,64 +119,55 @@ def evaluate(
     device: str = "auto",
     progress: bool = False,
     seed: int = 0,
-) -> dict:
+) -> EvaluationResult:
     """Evaluate; with ``out`` write ``metrics.json``, ``report.md`` and PNG figures there."""
     checkpoint = Path(checkpoint)
-    obj = load_checkpoint(checkpoint)
-    model, meta = model_from_checkpoint(obj, checkpoint)
-    index, where = select_data(checkpoint, data, split_file, subset, meta["task"])
+    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    index, where = select_data(checkpoint, data, split_file, subset, meta.task)
     if len(index) == 0:
-        raise ValueError(f"no images to evaluate in {where}")
+        raise DataError(f"no images to evaluate in {where}")
     preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images", progress=progress)
+    if len(preds.y) == 0:
+        raise DataError(f"no readable image to evaluate in {where}")
     result = summarise(preds, meta, where, checkpoint=checkpoint, n_boot=n_boot, seed=seed)
     if out is not None:
-        from covidscan.reports import write_evaluation
-
         write_evaluation(result, preds, Path(out), grid=grid, seed=seed)
     return result
 
 
-def summarise(preds: Predictions, meta: dict, where: str, *, checkpoint=None, n_boot: int = 1000, seed: int = 0) -> dict:
-    names = list(meta["class_names"])
+def summarise(
+    preds: Predictions, meta: CheckpointMeta, where: str, *, checkpoint=None, n_boot: int = 1000, seed: int = 0
+) -> EvaluationResult:
+    """Point metrics, group-bootstrap intervals and calibration of ``preds``."""
+    names = list(meta.class_names)
     index = preds.index
     grouping = index.grouping
     groups = [r.group for r in index.records] if grouping != "image" else None
     point = compute_metrics(preds.y, preds.probs)
     ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot, seed=seed) if n_boot else {}
     ece, reliability = expected_calibration_error(preds.y, preds.probs)
-    per_class_counts = {}
+    counts = {}
     for c, name in enumerate(names):
         recs = [r for r, t in zip(index.records, preds.y) if t == c]
-        per_class_counts[name] = {"images": len(recs), "patients": len({r.group for r in recs}) if groups else None}
-    absent = [n for n in names if per_class_counts[n]["images"] == 0]
-    return {
-        "checkpoint": str(checkpoint) if checkpoint else None,
-        "task": meta["task"],
-        "class_names": names,
-        "backbone": meta["backbone"],
-        "head": meta["head"],
-        "weights_source": meta.get("weights_source", "unknown"),
-        "trained_split_protocol": meta.get("split_protocol"),
-        "evaluated_on": where,
-        "grouping": grouping,
-        "split_type": "patient-grouped" if grouping != "image" else "image-level (no patient ids)",
-        "counts": per_class_counts,
-        "absent_classes": absent,
-        "skipped": [{"path": p, "reason": r} for p, r in preds.skipped],
-        "metrics": point,
-        "ci95": {k: list(v) for k, v in ci.items()},
-        "bootstrap": {"resamples": n_boot, "unit": "patient group" if groups else "image"},
-        "ece": ece,
-        "reliability": reliability,
-    }
-
-
-def save_json(obj: dict, path: Path) -> None:
-    def _default(o):
-        if isinstance(o, (np.floating, np.integer)):
-            return o.item()
-        if isinstance(o, torch.Tensor):
-            return o.tolist()
-        raise TypeError(type(o))
-
-    path.write_text(json.dumps(obj, indent=2, default=_default, allow_nan=True), encoding="utf-8")
+        counts[name] = {"images": len(recs), "patients": len({r.group for r in recs}) if groups else None}
+    return EvaluationResult(
+        checkpoint=str(checkpoint) if checkpoint else None,
+        task=meta.task,
+        class_names=names,
+        backbone=meta.backbone,
+        head=meta.head,
+        weights_source=meta.weights_source,
+        trained_split_protocol=meta.split_protocol,
+        evaluated_on=where,
+        grouping=grouping,
+        split_type="patient-grouped" if grouping != "image" else "image-level (no patient ids)",
+        counts=counts,
+        absent_classes=[n for n in names if counts[n]["images"] == 0],
+        skipped=[{"path": p, "reason": r} for p, r in preds.skipped],
+        metrics=point,
+        ci95={k: list(v) for k, v in ci.items()},
+        bootstrap={"resamples": n_boot, "unit": "patient group" if groups else "image"},
+        ece=ece,
+        reliability=reliability,
+        threshold=meta.threshold,
+    )

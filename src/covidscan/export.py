@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 
 
 class _WithSoftmax(nn.Module):
@@ -27,8 +27,15 @@ class _WithSoftmax(nn.Module):
         return self.model(x).softmax(1)
 
 
-def export_onnx(model, meta: dict, path: str | Path, *, opset: int = 17, check: bool = True, atol: float = 1e-4) -> float:
-    """Export; returns the max abs difference to PyTorch on a random batch (ValueError if > atol)."""
+def export_onnx(
+    model, meta: CheckpointMeta | dict, path: str | Path, *, opset: int = 17, check: bool = True, atol: float = 1e-4
+) -> float:
+    """Export; returns the max abs difference to PyTorch on a random batch (ValueError if > atol).
+
+    ``meta``: the checkpoint's :class:`CheckpointMeta`, or a dict with at least ``class_names``,
+    ``preprocess.image_size``, ``task`` and ``backbone``.
+    """
+    meta = meta.to_dict() if isinstance(meta, CheckpointMeta) else meta
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     size = int(meta["preprocess"]["image_size"])

@@ -21,9 +21,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.appearance import appearance_correlation
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data.io import ScanImage, read_bytes, read_image
-from covidscan.data.transforms import Preprocess, to_gray_uint8, to_input
+from covidscan.data.transforms import to_gray_uint8, to_input
+from covidscan.explain import grad_cam
+from covidscan.runtime import resolve_device
 
 
 @dataclass
@@ -38,25 +41,23 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: dict, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: str = "cpu"):
         self.meta = meta
-        self.class_names: list[str] = list(meta["class_names"])
-        self.pre = Preprocess.from_dict(meta["preprocess"])
+        self.class_names: list[str] = list(meta.class_names)
+        self.pre = meta.preprocess
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "auto") -> Predictor:
-        from covidscan.engine import resolve_device
-
         obj = load_checkpoint(path)
         model, meta = model_from_checkpoint(obj, path)
         return cls(model, meta, str(resolve_device(device)))
 
     @property
     def task(self) -> str:
-        return self.meta["task"]
+        return self.meta.task
 
     def tensor(self, scan: ScanImage) -> torch.Tensor:
         """The model input for ``scan``: ``1 x 3 x S x S`` float32."""
@@ -73,13 +74,10 @@ class Predictor:
             warns.append("nearly uniform image: values barely vary")
         elif float(g.mean()) < 0.03 or float(g.mean()) > 0.97:
             warns.append(f"values out of the usual range (mean intensity {float(g.mean()):.2f})")
-        ref = self.meta.get("reference") or {}
+        ref = self.meta.reference or {}
         if ref.get("thumb"):
-            from covidscan.engine import thumbnails
-
             u8 = to_gray_uint8(scan, self.pre) if u8 is None else u8
-            th = thumbnails(u8[None])[0]
-            corr = float(th @ torch.tensor(ref["thumb"]))
+            corr = appearance_correlation(u8, ref)
             if corr < ref["corr_p01"]:
                 other = "CT" if self.task == "xray" else "X-ray"
                 warns.append(
@@ -112,8 +110,6 @@ class Predictor:
 
     def explain(self, scan: ScanImage, class_name: str | None = None) -> tuple[np.ndarray, str]:
         """Grad-CAM map (``H x W`` of the scan, in [0, 1]) for ``class_name`` (default: predicted)."""
-        from covidscan.explain import grad_cam
-
         x = self.tensor(scan).to(self.device)
         if class_name is not None and class_name not in self.class_names:
             raise ValueError(f"unknown class {class_name!r}; choose one of {', '.join(self.class_names)}")

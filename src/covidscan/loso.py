@@ -20,12 +20,13 @@ import numpy as np
 import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
-from covidscan.config import Config
+from covidscan.config import Config, load_config
 from covidscan.data import Split, grouped_split, load_dataset, write_split
 from covidscan.engine import train
 from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
+from covidscan.results import fmt_interval, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,17 +39,25 @@ def source_key(source: str) -> str:
     return words[0].lower() if words else ""
 
 
+def fold_sources(left_out: str) -> set[str]:
+    """``"hannover+nih"`` -> ``{"hannover", "nih"}``: a fold may leave several sources out together
+    (for example one COVID collection and one adult-normal collection, as a new hospital brings both)."""
+    return {s.strip() for s in left_out.split("+") if s.strip()}
+
+
 def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
-    """Test = every image of source ``left_out`` (a :func:`source_key`); train / val = the other
-    sources minus any group (patient, near-duplicate) that reaches into the left-out source."""
-    touched = {r.group for r in index.records if source_key(r.source) == left_out}
-    rest = [i for i, r in enumerate(index.records) if source_key(r.source) != left_out and r.group not in touched]
+    """Test = every image of the source(s) ``left_out`` (:func:`source_key` names joined by ``+``);
+    train / val = the other sources minus any group (patient, near-duplicate) that reaches into
+    a left-out source."""
+    out = fold_sources(left_out)
+    touched = {r.group for r in index.records if source_key(r.source) in out}
+    rest = [i for i, r in enumerate(index.records) if source_key(r.source) not in out and r.group not in touched]
     inner = grouped_split(index.subset(rest), test=val, val=0.0, seed=seed)  # its "test" part is our validation
     assignment = ["drop"] * len(index)
     for k, i in enumerate(rest):
         assignment[i] = "val" if inner.assignment[k] == "test" else "train"
     for i, r in enumerate(index.records):
-        if source_key(r.source) == left_out:
+        if source_key(r.source) in out:
             assignment[i] = "test"
     keep = [i for i, a in enumerate(assignment) if a != "drop"]
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
@@ -60,8 +69,6 @@ PREDICTION_FIELDS = ("file", "label", "group", "p_covid")
 def _finished_fold(fold_dir: Path, cfg: Config) -> tuple[dict, list[dict]] | None:
     """A fold's saved summary and predictions when it finished with ``cfg``; None when it has
     to be (re)run: missing, unreadable or truncated files, or another config."""
-    from covidscan.config import load_config
-
     try:
         if load_config(fold_dir / "config.yaml").to_dict() != cfg.to_dict():
             return None
@@ -83,7 +90,7 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
     Returns the summary and the per-image rows."""
     model, meta = model_from_checkpoint(load_checkpoint(fold_dir / "best.pt"))
     preds = predict_index(model, meta, split.subset("test"))
-    names = meta["class_names"]
+    names = list(meta.class_names)
     pos = names.index(POSITIVE_CLASS)
     m = compute_metrics(preds.y, preds.probs)
     groups = [r.group for r in preds.index.records]
@@ -100,7 +107,7 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
         "covid_auroc_ci": ci.get(f"auroc/{pos}"),
         "covid_sensitivity_ci": ci.get(f"sensitivity/{pos}"),
         "covid_specificity_ci": ci.get(f"specificity/{pos}"),
-        "weights_source": weights_source or meta.get("weights_source", ""),
+        "weights_source": weights_source or meta.weights_source,
     }
     rows = [
         {"file": str(r.path), "label": r.label, "group": g, "p_covid": float(p)}
@@ -110,7 +117,7 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
         w = csv.DictWriter(fh, fieldnames=list(PREDICTION_FIELDS))
         w.writeheader()
         w.writerows(rows)
-    (fold_dir / "fold.json").write_text(json.dumps({"fold": fold}, indent=1))
+    write_json({"fold": fold}, fold_dir / "fold.json", indent=1)
     return fold, rows
 
 
@@ -129,8 +136,9 @@ def leave_one_source_out(
         raise ValueError("leave-one-source-out needs at least two sources")
     folds, pooled_y, pooled_p, pooled_g = [], [], [], []
     for k, s in enumerate(sources or all_sources):
-        if s not in all_sources:
-            raise ValueError(f"unknown source {s!r}; sources: {all_sources}")
+        unknown = fold_sources(s) - set(all_sources)
+        if unknown or not fold_sources(s):
+            raise ValueError(f"unknown source(s) {sorted(unknown) or s!r}; sources: {all_sources} (join several with +)")
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
@@ -141,7 +149,7 @@ def leave_one_source_out(
         else:
             write_split(split, fold_dir / "loso_split.csv")
             torch.manual_seed(cfg.train.seed)
-            result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress)
+            result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress, overwrite=True)
             fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source)
         folds.append(fold)
         pooled_y.append(np.asarray([r["label"] == POSITIVE_CLASS for r in rows], dtype=int))
@@ -165,25 +173,14 @@ def leave_one_source_out(
             "covid_specificity": pooled["per_class"]["specificity"][1],
         },
     }
-    (out / "loso.json").write_text(json.dumps(res, indent=2))
+    write_json(res, out / "loso.json")
     (out / "loso.md").write_text(loso_markdown(res))
     return res
 
 
-def _v(x, pct=True):
-    if x is None or x != x:
-        return "n/a"
-    return f"{x * 100:.1f}" if pct else f"{x:.3f}"
-
-
 def _ci(fold: dict, key: str, pct: bool = True) -> str:
     """``value [lo, hi]`` when the fold has an interval (folds scored before intervals: value only)."""
-    v, ci = fold.get(key), fold.get(f"{key}_ci")
-    if v is None or v != v or not ci or ci[0] != ci[0]:
-        return _v(v, pct)
-    if pct:
-        return f"{v * 100:.1f} [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]"
-    return f"{v:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return fmt_interval(fold.get(key), fold.get(f"{key}_ci"), pct=pct)
 
 
 def loso_markdown(r: dict) -> str:
@@ -201,15 +198,13 @@ def loso_markdown(r: dict) -> str:
     for f in r["folds"]:
         cls = ", ".join(f"{k} {v}" for k, v in f["classes"].items() if v)
         lines.append(
-            f"| {f['source']} | {f['n']} | {cls} | {_v(f['accuracy'])} | {_ci(f, 'covid_auroc', False)} | "
+            f"| {f['source']} | {f['n']} | {cls} | {fmt_interval(f['accuracy'])} | {_ci(f, 'covid_auroc', False)} | "
             f"{_ci(f, 'covid_sensitivity')} | {_ci(f, 'covid_specificity')} |"
         )
     p = r["pooled"]
-    ci = p.get("covid_auroc_ci")
-    ci_s = f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
     lines += [
         "",
-        f"**Pooled out-of-source COVID-vs-rest AUROC: {_v(p['covid_auroc'], False)}{ci_s}** (n = {p['n']}; "
+        f"**Pooled out-of-source COVID-vs-rest AUROC: {fmt_interval(p['covid_auroc'], p.get('covid_auroc_ci'), pct=False)}** (n = {p['n']}; "
         "every image scored by a model that never saw its source; 95% bootstrap over patient groups)",
         "",
     ]

@@ -20,7 +20,6 @@ import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data.dataset import ImageStore, default_cache_dir
-from covidscan.data.transforms import Preprocess
 from covidscan.evaluation import predict_index, select_data
 from covidscan.metrics import compute_metrics
 
@@ -49,8 +48,8 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
     checkpoint = Path(checkpoint)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
-    index, where = select_data(checkpoint, data, split_file, subset, meta["task"])
-    pre = Preprocess.from_dict(meta["preprocess"])
+    index, where = select_data(checkpoint, data, split_file, subset, meta.task)
+    pre = meta.preprocess
     store = ImageStore(index.records, pre, cache_dir=default_cache_dir() / "images")
     results = {}
     for name, keep in (

@@ -1,7 +1,12 @@
-"""Tables and figures: augmentation preview (paper Fig. 5), prediction grid (Fig. 8/9), report files."""
+"""Tables and figures: augmentation preview (paper Fig. 5), prediction grid (Fig. 8/9), report files.
+
+Takes results (:class:`covidscan.results.EvaluationResult` and the per-image predictions);
+computes nothing that :mod:`covidscan.evaluation` or :mod:`covidscan.metrics` own.
+"""
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 
@@ -12,27 +17,20 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
+from covidscan.config import load_config  # noqa: E402
+from covidscan.data import load_dataset, read_image  # noqa: E402
+from covidscan.data.transforms import Preprocess, build_augment, to_gray_uint8  # noqa: E402
+from covidscan.models import get_backbone  # noqa: E402
+from covidscan.results import EvaluationResult, fmt_interval, write_json  # noqa: E402
+
 logger = logging.getLogger(__name__)
 
 
 def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed: int = 0, task=None) -> Path:
     """Rows: one scan each; columns: the preprocessed original, then 5 training augmentations."""
-    from covidscan.config import load_config
-    from covidscan.data import load_dataset, read_image
-    from covidscan.data.transforms import build_augment, to_gray_uint8
-    from covidscan.models import get_backbone
-
     cfg = load_config(config, overrides or [])
     index = load_dataset(data, task or cfg.data.task if config else task)
-    from covidscan.data.transforms import Preprocess
-
-    pre = Preprocess.for_backbone(
-        get_backbone(cfg.model.backbone),
-        cfg.data.image_size,
-        equalize=cfg.data.equalize,
-        crop=cfg.data.crop,
-        lung_crop=cfg.data.lung_crop,
-    )
+    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data)
     aug = build_augment(cfg.augment, pre.image_size)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(index), size=min(n, len(index)), replace=False)
@@ -67,58 +65,44 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
     return out
 
 
-def _fmt(v, ci=None, pct=True) -> str:
-    if v is None or (isinstance(v, float) and not np.isfinite(v)):
-        return "n/a"
-    s = f"{v * 100:.1f}" if pct else f"{v:.3f}"
-    if ci and all(np.isfinite(ci)):
-        s += f" [{ci[0] * 100:.1f}, {ci[1] * 100:.1f}]" if pct else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
-    return s
-
-
-def evaluation_markdown(r: dict) -> str:
-    names = r["class_names"]
-    m, ci = r["metrics"], r["ci95"]
+def evaluation_markdown(r: EvaluationResult) -> str:
+    names = r.class_names
+    m, ci = r.metrics, r.ci95
     lines = [
-        f"# Evaluation: {r['backbone']} + {r['head']} head ({r['task']})",
+        f"# Evaluation: {r.backbone} + {r.head} head ({r.task})",
         "",
         "> Research use only; not a medical device.",
         "",
-        f"- checkpoint: `{r['checkpoint']}`",
-        f"- weights source: {r['weights_source']}",
-        f"- evaluated on: {r['evaluated_on']}",
-        f"- split type: {r['split_type']} (model trained on a {r['trained_split_protocol']} split)",
-        f"- bootstrap: {r['bootstrap']['resamples']} resamples of {r['bootstrap']['unit']}s, 95% percentile intervals",
+        f"- checkpoint: `{r.checkpoint}`",
+        f"- weights source: {r.weights_source}",
+        f"- evaluated on: {r.evaluated_on}",
+        f"- split type: {r.split_type} (model trained on a {r.trained_split_protocol} split)",
+        f"- bootstrap: {r.bootstrap['resamples']} resamples of {r.bootstrap['unit']}s, 95% percentile intervals",
         "",
         "| class | images | patients/groups |",
         "|---|---:|---:|",
     ]
     for n in names:
-        c = r["counts"][n]
+        c = r.counts[n]
         lines.append(f"| {n} | {c['images']} | {c['patients'] if c['patients'] is not None else 'n/a'} |")
-    if r["absent_classes"]:
+    if r.absent_classes:
         lines += [
             "",
-            f"**Absent from this set:** {', '.join(r['absent_classes'])}: their sensitivity and AUROC are "
+            f"**Absent from this set:** {', '.join(r.absent_classes)}: their sensitivity and AUROC are "
             "undefined (n/a); they still count as wrong answers when predicted.",
         ]
     lines += [
         "",
-        f"**Accuracy:** {_fmt(m['accuracy'], ci.get('accuracy'))} %  (n = {m['n']})   **ECE:** {r['ece']:.3f}",
+        f"**Accuracy:** {fmt_interval(m['accuracy'], ci.get('accuracy'))} %  (n = {m['n']})   **ECE:** {r.ece:.3f}",
         "",
         "| class | sensitivity | specificity | PPV | NPV | F1 | AUROC | AUPRC |",
         "|---|---|---|---|---|---|---|---|",
     ]
+    keys = ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
     for c, n in enumerate(names):
-        cells = [
-            _fmt(m["per_class"][k][c], ci.get(f"{k}/{c}"), pct=k not in ("auroc", "auprc"))
-            for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
-        ]
+        cells = [fmt_interval(m["per_class"][k][c], ci.get(f"{k}/{c}"), pct=k not in ("auroc", "auprc")) for k in keys]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
-    cells = [
-        _fmt(m["macro"][k], ci.get(f"macro_{k}"), pct=k not in ("auroc", "auprc"))
-        for k in ("sensitivity", "specificity", "ppv", "npv", "f1", "auroc", "auprc")
-    ]
+    cells = [fmt_interval(m["macro"][k], ci.get(f"macro_{k}"), pct=k not in ("auroc", "auprc")) for k in keys]
     lines.append("| **macro** | " + " | ".join(cells) + " |")
     lines += [
         "",
@@ -131,26 +115,35 @@ def evaluation_markdown(r: dict) -> str:
     ]
     for n, row in zip(names, m["confusion"]):
         lines.append(f"| {n} | " + " | ".join(str(v) for v in row) + " |")
-    if r["skipped"]:
-        lines += ["", f"{len(r['skipped'])} unreadable image(s) skipped:"] + [
-            f"- {s['path']}: {s['reason']}" for s in r["skipped"]
-        ]
-    lines += ["", "Figures: `confusion.png`, `roc.png`, `reliability.png`" + (", `grid.png`" if r.get("grid") else "")]
+    if r.skipped:
+        lines += ["", f"{len(r.skipped)} unreadable image(s) skipped:"] + [f"- {s['path']}: {s['reason']}" for s in r.skipped]
+    figures = ["confusion.png", "roc.png", "reliability.png"] + (["grid.png"] if r.grid else [])
+    lines += ["", "Per-image predictions: `predictions.csv`. Figures: " + ", ".join(f"`{f}`" for f in figures)]
     return "\n".join(lines) + "\n"
 
 
-def write_evaluation(result: dict, preds, out: Path, *, grid: int = 0, seed: int = 0) -> None:
-    from covidscan.evaluation import save_json
+def write_predictions_csv(preds, names, path: Path) -> Path:
+    """One row per image: file, true label, one probability per class, predicted label, group, source."""
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["file", "label", *[f"p_{n}" for n in names], "predicted", "group", "source"])
+        for rec, p in zip(preds.index.records, preds.probs):
+            w.writerow([str(rec.path), rec.label, *(f"{v:.6f}" for v in p), names[int(p.argmax())], rec.group, rec.source])
+    return path
 
+
+def write_evaluation(result: EvaluationResult, preds, out: Path, *, grid: int = 0, seed: int = 0) -> None:
+    """``metrics.json`` (strict JSON), ``report.md``, ``predictions.csv`` and the figures in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    names = result["class_names"]
-    _plot_confusion(np.asarray(result["metrics"]["confusion"]), names, out / "confusion.png")
+    names = result.class_names
+    _plot_confusion(np.asarray(result.metrics["confusion"]), names, out / "confusion.png")
     _plot_roc(preds.y, preds.probs, names, out / "roc.png")
-    _plot_reliability(result["reliability"], result["ece"], out / "reliability.png")
+    _plot_reliability(result.reliability, result.ece, out / "reliability.png")
     if grid:
         prediction_grid(preds, names, out / "grid.png", n=grid, seed=seed)
-        result["grid"] = "grid.png"
-    save_json(result, out / "metrics.json")
+        result.grid = "grid.png"
+    write_predictions_csv(preds, names, out / "predictions.csv")
+    write_json(result, out / "metrics.json")
     (out / "report.md").write_text(evaluation_markdown(result), encoding="utf-8")
 
 
@@ -205,8 +198,6 @@ def _plot_reliability(table: dict, ece: float, path: Path) -> None:
 
 def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0) -> Path:
     """The paper's Fig. 8/9: n test scans with true and predicted label and probability; mistakes in red."""
-    from covidscan.data import read_image
-
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(preds.y), size=min(n, len(preds.y)), replace=False)
     cols = int(np.ceil(np.sqrt(len(picks))))

@@ -12,31 +12,20 @@ the table says so; nothing is substituted silently.
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
 
 import torch
 
-from covidscan.config import Config, load_config
-from covidscan.engine import replace_cfg, train
+from covidscan.config import Config, apply_overrides, config_from_dict, load_config, replace_cfg
+from covidscan.engine import train
+from covidscan.errors import WeightsUnavailableError
 from covidscan.evaluation import evaluate
-from covidscan.models import WeightsUnavailableError
+from covidscan.paper import PAPER_ACCURACY, PAPER_MODELS, PROTOCOLS
+from covidscan.results import fmt_interval, write_json
 
 logger = logging.getLogger(__name__)
-
-#: Accuracy (%) reported by Berrimi et al. (2021), Tables III and IV.
-PAPER_ACCURACY = {
-    "xray": {"densenet": 63.56, "inception_v3": 92.35, "new_densenet": 85.0},
-    "ct": {"densenet": 60.0, "inception_v3": 84.51, "new_densenet": 95.98},
-}
-PAPER_MODELS = {
-    "densenet": ("densenet121", "linear"),
-    "inception_v3": ("inception_v3", "linear"),
-    "new_densenet": ("densenet121", "paper"),
-}
-PROTOCOLS = ("paper", "grouped")
 
 
 def recipe(task: str, model: str, configs_dir: Path | None) -> Config:
@@ -72,8 +61,6 @@ def reproduce(
     for protocol in protocols:
         for name in models:
             cfg = recipe(task, name, configs_dir)
-            from covidscan.config import apply_overrides, config_from_dict
-
             cfg = config_from_dict(apply_overrides(cfg.to_dict(), [f"data.protocol={protocol}", *overrides]))
             if epochs:
                 cfg = replace_cfg(cfg, train={"epochs": epochs})
@@ -85,14 +72,14 @@ def reproduce(
             t0 = time.perf_counter()
             torch.manual_seed(cfg.train.seed)
             try:
-                result = train(cfg, data, run_dir, progress=progress)
+                result = train(cfg, data, run_dir, progress=progress, overwrite=True)
             except WeightsUnavailableError:  # raised while building the model, before any training
                 if cfg.model.weights != "imagenet":
                     raise
                 cfg = replace_cfg(cfg, model={"weights": "none"})
                 note = "trained from scratch: no ImageNet weights available offline"
                 torch.manual_seed(cfg.train.seed)
-                result = train(cfg, data, run_dir, progress=progress)
+                result = train(cfg, data, run_dir, progress=progress, overwrite=True)
             train_s = time.perf_counter() - t0
             ev = evaluate(
                 result.best_checkpoint,
@@ -102,15 +89,15 @@ def reproduce(
                 grid=grid,
                 n_boot=n_boot,
             )
-            m, ci = ev["metrics"], ev["ci95"]
-            covid = ev["class_names"].index("covid")
+            m, ci = ev.metrics, ev.ci95
+            covid = ev.class_names.index("covid")
             rows.append(
                 {
                     "model": name,
                     "backbone": cfg.model.backbone,
                     "head": cfg.model.head,
                     "protocol": protocol,
-                    "split_type": ev["split_type"] if protocol == "grouped" else "image-level (paper)",
+                    "split_type": ev.split_type if protocol == "grouped" else "image-level (paper)",
                     "weights_source": result.weights_source,
                     "note": note,
                     "epochs_run": len(result.history),
@@ -125,24 +112,19 @@ def reproduce(
                     "covid_sensitivity_ci": ci.get(f"sensitivity/{covid}"),
                     "covid_specificity": m["per_class"]["specificity"][covid],
                     "covid_specificity_ci": ci.get(f"specificity/{covid}"),
-                    "ece": ev["ece"],
+                    "ece": ev.ece,
                     "n_test": m["n"],
                     "train_seconds": train_s,
                     "report": str(run_dir / "eval" / "report.md"),
                 }
             )
-            (out / "results.json").write_text(json.dumps({"task": task, "rows": rows}, indent=2), encoding="utf-8")
+            write_json({"task": task, "rows": rows}, out / "results.json")
     (out / "table.md").write_text(table_markdown(task, rows), encoding="utf-8")
     return {"task": task, "rows": rows}
 
 
 def _p(v, ci=None) -> str:
-    if v is None or v != v:
-        return "n/a"
-    s = f"{v * 100:.2f}"
-    if ci and ci[0] == ci[0]:
-        s += f" [{ci[0] * 100:.1f}–{ci[1] * 100:.1f}]"
-    return s
+    return fmt_interval(v, ci, digits=2)
 
 
 def table_markdown(task: str, rows: list[dict]) -> str:

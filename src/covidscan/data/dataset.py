@@ -157,6 +157,32 @@ class ScanDataset(Dataset):
         return {"image": x, "label": self.targets[i], "index": i}
 
 
+class FeatureDataset(Dataset):
+    """Backbone outputs (``N x C x h x w``) standing in for the images of ``base`` (same order, labels).
+
+    Used by the frozen-backbone fast path: the features are computed once and the head is
+    trained on them.
+    """
+
+    def __init__(self, features: torch.Tensor, base: ScanDataset):
+        self.features = features
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    @property
+    def indices(self) -> list[int]:
+        return self.base.indices
+
+    def labels(self) -> list[int]:
+        return self.base.labels()
+
+    def __getitem__(self, k: int) -> dict:
+        i = self.base.indices[k]
+        return {"image": self.features[k], "label": self.base.targets[i], "index": i}
+
+
 def balanced_weights(labels: list, sources: list) -> torch.Tensor:
     """Sampling weights giving every (label, source) cell of the training set the same share of draws."""
     from collections import Counter

@@ -27,19 +27,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covidscan.errors import ImageReadError
+
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
-
-
-class ImageReadError(ValueError):
-    """A file could not be read as an image; the message names the file and the cause."""
-
-    def __init__(self, path: str | Path, cause: str):
-        self.path = Path(path)
-        self.cause = cause
-        super().__init__(f"{path}: {cause}")
 
 
 @dataclass(frozen=True)

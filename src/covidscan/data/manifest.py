@@ -125,7 +125,7 @@ def read_manifest(csv_path: Path) -> list[Record]:
     if not csv_path.is_file():
         raise FileNotFoundError(f"{csv_path}: manifest not found")
     root = csv_path.parent
-    with open(csv_path, newline="", encoding="utf-8") as fh:
+    with open(csv_path, newline="", encoding="utf-8-sig") as fh:  # utf-8-sig: spreadsheets often add a BOM
         reader = csv.DictReader(fh)
         fields = reader.fieldnames or []
         missing_cols = {"file", "label"} - set(fields)

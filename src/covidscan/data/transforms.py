@@ -8,7 +8,7 @@ Pipeline (the contract every model input follows):
 2. training only, :func:`build_augment`: rotation, zoom, shift (one ``RandomAffine``) and
    horizontal flip on the ``uint8`` tensor (torchvision transforms v2).
 3. :func:`to_input`: ``uint8`` -> ``float32`` in ``[0, 1]``, the gray plane copied to 3
-   channels (channel policy ``replicate``), normalised by the spec's mean / std.
+   channels (so colour overlays cannot become a class cue), normalised by the spec's mean / std.
 
 The parameters live in :class:`Preprocess`, which each checkpoint stores, so predict
 uses exactly what train used.
@@ -31,15 +31,31 @@ PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk c
 
 @dataclass(frozen=True)
 class Preprocess:
+    """How a decoded scan becomes the model's input; stored in every checkpoint.
+
+    image_size: square side in pixels (the scan is stretched to it, as in the paper).
+    mean, std: per-channel normalisation of the ``[0, 1]`` input (the backbone spec's).
+    equalize: histogram equalisation after resizing (contrast normalisation across sources).
+    crop: fraction of width / height cut from each border before resizing (text, markers).
+    lung_crop: crop to the box around the lung fields (covidscan.data.lungs) before resizing.
+    version: :data:`PREPROCESS_VERSION` of the code that made it (keys the on-disk cache).
+    """
+
     image_size: int
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    channel_policy: str = "replicate"
-    resize: str = "stretch"  # the paper's plain resize to a square
     version: int = PREPROCESS_VERSION
-    equalize: bool = False  # histogram equalisation after resizing (contrast normalisation across sources)
-    crop: float = 0.0  # fraction of width / height cut from each border before resizing (text, markers, borders)
-    lung_crop: bool = False  # crop to the box around the lung fields (covidscan.data.lungs) before resizing
+    equalize: bool = False
+    crop: float = 0.0
+    lung_crop: bool = False
+
+    def __post_init__(self):
+        if not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
+            raise ValueError(f"image_size={self.image_size!r}: must be an integer from 8 to 4096 pixels")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise ValueError(f"mean={self.mean}, std={self.std}: need three values each, std > 0")
+        if not 0 <= self.crop < 0.5:
+            raise ValueError(f"crop={self.crop}: must be in [0, 0.5)")
 
     def cache_key(self) -> str:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
@@ -51,12 +67,11 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
+        """Inverse of :meth:`to_dict`; keys of older versions (``channel_policy``, ``resize``) are ignored."""
         return cls(
             image_size=int(d["image_size"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
-            channel_policy=str(d.get("channel_policy", "replicate")),
-            resize=str(d.get("resize", "stretch")),
             version=int(d.get("version", PREPROCESS_VERSION)),
             equalize=bool(d.get("equalize", False)),
             crop=float(d.get("crop", 0.0)),
@@ -67,16 +82,20 @@ class Preprocess:
     def for_backbone(
         cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False
     ) -> Preprocess:
-        if not 0 <= crop < 0.5:
-            raise ValueError(f"crop={crop}: must be in [0, 0.5)")
         return cls(
             image_size=image_size or spec.input_size,
             mean=spec.mean,
             std=spec.std,
-            channel_policy=spec.channel_policy,
             equalize=equalize,
             crop=crop,
             lung_crop=lung_crop,
+        )
+
+    @classmethod
+    def from_config(cls, spec, data_cfg) -> Preprocess:
+        """The preprocessing a :class:`covidscan.config.DataConfig` asks for on backbone ``spec``."""
+        return cls.for_backbone(
+            spec, data_cfg.image_size, equalize=data_cfg.equalize, crop=data_cfg.crop, lung_crop=data_cfg.lung_crop
         )
 
 
@@ -127,22 +146,80 @@ def model_input(batch_image: torch.Tensor, pre: Preprocess, device) -> torch.Ten
     return to_input(x, pre) if x.dtype == torch.uint8 else x
 
 
+class RandomGamma(v2.Transform):
+    """``uint8`` image -> ``255 * (x / 255) ** gamma``, gamma log-uniform in ``[1 / (1 + g), 1 + g]``."""
+
+    def __init__(self, g: float):
+        super().__init__()
+        self.log_max = float(np.log1p(g))
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or inpt.dtype != torch.uint8:
+            return inpt
+        gamma = float(torch.empty(1).uniform_(-self.log_max, self.log_max).exp())
+        return TF.adjust_gamma(inpt, gamma)
+
+
+class RandomDownUp(v2.Transform):
+    """With probability ``p``: resize down by a factor in [1.5, 4] and back up (a lower-resolution source)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or torch.rand(1).item() >= self.p:
+            return inpt
+        h, w = inpt.shape[-2:]
+        f = float(torch.empty(1).uniform_(1.5, 4.0))
+        small = TF.resize(inpt, [max(8, int(h / f)), max(8, int(w / f))], antialias=True)
+        return TF.resize(small, [h, w], antialias=True)
+
+
+class RandomNoise(v2.Transform):
+    """Gaussian noise with standard deviation ``std`` grey levels on a ``uint8`` image, clipped to [0, 255]."""
+
+    def __init__(self, std: float):
+        super().__init__()
+        self.std = std
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or inpt.dtype != torch.uint8:
+            return inpt
+        noisy = inpt.float() + torch.randn(inpt.shape) * self.std
+        return noisy.round().clamp(0, 255).to(torch.uint8)
+
+
 def build_augment(aug, image_size: int) -> v2.Transform | None:
-    """The paper's augmentation on ``1 x S x S`` uint8 tensors; None when disabled."""
+    """Training augmentation on ``1 x S x S`` uint8 tensors; None when disabled.
+
+    The paper's rotation, zoom, shift and horizontal flip (one ``RandomAffine`` and a flip),
+    then, each where its setting is non-zero, the source-cue breakers: random resized crop
+    (framing), brightness / contrast, gamma, resolution loss, JPEG re-encoding and noise.
+    Randomness comes from torch's global generator, which the training loop seeds per epoch.
+    """
     if not aug.enabled:
         return None
-    intensity = []
+    steps: list[v2.Transform] = []
+    if getattr(aug, "crop_scale", 0):
+        steps.append(v2.RandomResizedCrop(image_size, scale=(aug.crop_scale, 1.0), ratio=(0.8, 1.25), antialias=True))
     if getattr(aug, "brightness", 0) or getattr(aug, "contrast", 0):
-        intensity = [v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None)]
-    return v2.Compose(
-        [
-            *intensity,
-            v2.RandomAffine(
-                degrees=aug.rotation,
-                translate=(aug.shift, aug.shift) if aug.shift > 0 else None,
-                scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom > 0 else None,
-                interpolation=v2.InterpolationMode.BILINEAR,
-            ),
-            v2.RandomHorizontalFlip(p=aug.hflip),
-        ]
-    )
+        steps.append(v2.ColorJitter(brightness=aug.brightness or None, contrast=aug.contrast or None))
+    if getattr(aug, "gamma", 0):
+        steps.append(RandomGamma(aug.gamma))
+    steps += [
+        v2.RandomAffine(
+            degrees=aug.rotation,
+            translate=(aug.shift, aug.shift) if aug.shift > 0 else None,
+            scale=(1 - aug.zoom, 1 + aug.zoom) if aug.zoom > 0 else None,
+            interpolation=v2.InterpolationMode.BILINEAR,
+        ),
+        v2.RandomHorizontalFlip(p=aug.hflip),
+    ]
+    if getattr(aug, "blur", 0):
+        steps.append(RandomDownUp(aug.blur))
+    if getattr(aug, "jpeg", 0):
+        steps.append(v2.RandomApply([v2.JPEG((30, 95))], p=aug.jpeg))
+    if getattr(aug, "noise", 0):
+        steps.append(RandomNoise(aug.noise))
+    return v2.Compose(steps)

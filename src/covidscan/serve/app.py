@@ -24,7 +24,7 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
 
     app = FastAPI(
         title="covidscan",
-        version=predictor.meta.get("versions", {}).get("covidscan", ""),
+        version=predictor.meta.versions.get("covidscan", ""),
         description="COVID-19 detection on chest scans. Research use only; not a medical device.",
     )
     page = files("covidscan.serve").joinpath("index.html").read_text(encoding="utf-8")
@@ -35,8 +35,8 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
             "status": "ok",
             "task": predictor.task,
             "classes": predictor.class_names,
-            "backbone": predictor.meta["backbone"],
-            "weights_source": predictor.meta.get("weights_source"),
+            "backbone": predictor.meta.backbone,
+            "weights_source": predictor.meta.weights_source,
         }
 
     @app.get("/", response_class=HTMLResponse)

@@ -1,0 +1,70 @@
+"""``stats`` and ``split``: dataset commands that never load torch."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from covidscan.cli import common
+
+logger = logging.getLogger("covidscan")
+
+
+def cmd_stats(args) -> int:
+    from covidscan.data import compute_stats, format_stats, load_dataset
+    from covidscan.results import dumps
+
+    index = load_dataset(args.data, args.task)
+    stats = compute_stats(index, original=args.original, strict=args.strict)
+    print(dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats))
+    if len(index.origins) > 1 or len({r.source for r in index.records}) > 1:
+        for label in index.single_source_classes():
+            logger.warning("class %r comes from a single source: a model may learn the source, not the class", label)
+    return 0
+
+
+def cmd_split(args) -> int:
+    from covidscan.data import grouped_split, load_dataset, paper_split, write_split
+
+    index = load_dataset(args.data, args.task)
+    fn = paper_split if args.protocol == "paper" else grouped_split
+    split = fn(index, test=args.test, val=args.val, seed=args.seed)
+    write_split(split, args.out)
+    print(split.format_counts())
+    problems = split.audit()
+    for p in problems:
+        logger.warning("split audit: %s", p)
+    if not problems:
+        print("audit: no group in two splits; every split's class proportions within 2 points of the whole")
+    if split.protocol != "grouped":
+        logger.warning(
+            "image-level split (%s): images of one patient can be in train and test; results on it are optimistic",
+            split.protocol,
+        )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("stats", help="per-class image counts and resolution statistics (paper Tables I/II)")
+    common.add_data(p)
+    common.add_task(p)
+    p.add_argument("--json", action="store_true", help="machine-readable output (strict JSON)")
+    p.add_argument("--original", action="store_true", help="use the manifest's original_width/height")
+    p.add_argument("--strict", action="store_true", help="fail on the first unreadable image instead of skipping")
+    p.set_defaults(func=cmd_stats)
+
+    p = sub.add_parser("split", help="leak-free train/val/test split written as a manifest with a split column")
+    common.add_data(p)
+    common.add_task(p)
+    p.add_argument("--out", type=Path, required=True, help="split CSV to write")
+    p.add_argument("--test", type=float, default=0.2, help="fraction of images (whole groups) for test")
+    p.add_argument("--val", type=float, default=0.1, help="fraction for validation")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--protocol",
+        choices=["grouped", "paper"],
+        default="grouped",
+        help="grouped (default, patient-level) or paper (image-level 80/20 as Berrimi et al.)",
+    )
+    p.set_defaults(func=cmd_split)

@@ -1,0 +1,135 @@
+"""``train``, ``augment-preview``, ``loso`` and ``reproduce``: commands that train models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from covidscan.cli import common
+from covidscan.errors import CLIError
+from covidscan.labels import TASKS
+from covidscan.paper import PAPER_MODELS, PROTOCOLS
+
+
+def cmd_train(args) -> int:
+    import torch
+
+    from covidscan.config import load_config
+    from covidscan.engine import train
+
+    if args.resume:
+        # the run's own saved config; --config / --set may only change what a resume allows (more epochs ...)
+        asked = None
+        if args.config or args.set:
+            asked = load_config(args.config or args.out / "config.yaml", args.set)
+        cfg = asked
+    else:
+        if not args.data and not args.split:
+            raise CLIError("train needs --data (or --split), or --resume")
+        cfg = load_config(args.config, args.set)
+    torch.manual_seed(cfg.train.seed if cfg else 0)  # the CLI is the one place that seeds globally
+    result = train(
+        cfg, args.data, args.out, split_file=args.split, resume=args.resume, overwrite=args.overwrite, progress=not args.quiet
+    )
+    if int(os.environ.get("RANK", "0")) != 0:
+        return 0  # under torchrun, rank 0 reports
+    m = result.best_metrics
+    print(
+        f"best epoch {result.best_epoch}: val acc {m.get('val_acc', float('nan')):.4f}  val loss {m.get('val_loss', float('nan')):.4f}"
+    )
+    print(f"weights source: {result.weights_source}")
+    print(f"checkpoint: {result.best_checkpoint}   ({result.seconds:.0f} s)")
+    return 0
+
+
+def cmd_augment_preview(args) -> int:
+    from covidscan.reports import augment_preview
+
+    path = augment_preview(args.data, args.out, config=args.config, overrides=args.set, n=args.n, seed=args.seed, task=args.task)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_loso(args) -> int:
+    from covidscan.config import load_config
+    from covidscan.loso import leave_one_source_out
+
+    cfg = load_config(args.config, args.set)
+    leave_one_source_out(
+        cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet, resume=args.resume
+    )
+    print((Path(args.out) / "loso.md").read_text())
+    return 0
+
+
+def cmd_reproduce(args) -> int:
+    from covidscan.reproduce import reproduce
+
+    reproduce(
+        args.task,
+        args.data,
+        args.out,
+        epochs=args.epochs,
+        early_stopping=args.early_stopping,
+        configs_dir=args.configs,
+        overrides=args.set,
+        n_boot=args.bootstrap,
+        progress=not args.quiet,
+        protocols=tuple(args.protocols),
+        models=tuple(args.models),
+    )
+    print((Path(args.out) / "table.md").read_text())
+    return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("train", help="train a model (one loop for every backbone, head and task)")
+    common.add_config(p)
+    common.add_data(p, positional=False, required=False)
+    p.add_argument("--split", type=Path, help="split CSV from `covidscan split` (else a grouped split is made)")
+    common.add_out(p, "run folder (refused when it already holds a run, unless --resume or --overwrite)")
+    common.add_set(p)
+    g = p.add_mutually_exclusive_group()
+    g.add_argument(
+        "--resume", action="store_true", help="continue the interrupted run in --out (--set train.epochs=N adds epochs)"
+    )
+    g.add_argument("--overwrite", action="store_true", help="start again in an --out that already holds a run")
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("augment-preview", help="grid of augmented training samples (paper Fig. 5)")
+    common.add_data(p)
+    common.add_out(p, "PNG to write")
+    common.add_config(p)
+    common.add_set(p)
+    p.add_argument("--n", type=int, default=4, help="scans (rows); each row shows the original and 5 augmentations")
+    p.add_argument("--seed", type=int, default=0)
+    common.add_task(p)
+    p.set_defaults(func=cmd_augment_preview)
+
+    p = sub.add_parser("loso", help="leave-one-source-out: train on all sources but one, test on the one left out")
+    common.add_config(p)
+    common.add_data(p, positional=False)
+    common.add_out(p, "folder for one subfolder per fold, loso.json and loso.md")
+    p.add_argument(
+        "--sources", nargs="+", help="the folds: left-out sources, several joined with + (default: each source in turn)"
+    )
+    common.add_set(p)
+    common.add_bootstrap(p, 500)
+    p.add_argument("--resume", action="store_true", help="keep folds that already finished in --out (same config)")
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_loso)
+
+    p = sub.add_parser("reproduce", help="train + evaluate the paper's three models under both protocols (Tables III/IV)")
+    p.add_argument("--task", choices=sorted(TASKS), required=True, help="xray (Table III) or ct (Table IV)")
+    common.add_data(p, positional=False)
+    common.add_out(p, "folder for the runs, results.json and table.md")
+    p.add_argument("--epochs", type=int, help="override the recipes' 50 epochs")
+    p.add_argument("--early-stopping", type=int, help="patience in epochs (0 = off)")
+    p.add_argument("--configs", type=Path, default=Path("configs"), help="folder of the paper recipes")
+    p.add_argument("--models", nargs="+", choices=list(PAPER_MODELS), default=list(PAPER_MODELS))
+    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
+    common.add_set(p)
+    common.add_bootstrap(p, 1000)
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_reproduce)

@@ -1,0 +1,218 @@
+"""Commands that use or assess a trained checkpoint: evaluate, predict, explain, serve, export, probe, card."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from covidscan.cli import common
+
+
+def cmd_evaluate(args) -> int:
+    from covidscan.evaluation import evaluate
+    from covidscan.reports import evaluation_markdown
+
+    result = evaluate(
+        args.checkpoint,
+        args.data,
+        split_file=args.split,
+        subset=args.subset,
+        out=args.out,
+        grid=args.grid,
+        n_boot=args.bootstrap,
+        device=args.device,
+        progress=not args.quiet,
+    )
+    print(evaluation_markdown(result))
+    print(f"wrote {args.out}/report.md, metrics.json, predictions.csv and figures")
+    return 0
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to the image files under them (sorted)."""
+    from covidscan.data.io import is_image_file
+
+    out = []
+    for p in paths:
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and is_image_file(f))
+        else:
+            out.append(p)
+    return out
+
+
+def _print_table(results: list[dict], names: list[str]) -> None:
+    width = max([len(r["source"]) for r in results] + [4])
+    print(f"{'file':<{width}}  {'label':<10} " + " ".join(f"{n:>10}" for n in names) + "  warnings")
+    for r in results:
+        probs = " ".join(f"{r['probabilities'][n]:>10.4f}" for n in names)
+        print(f"{r['source']:<{width}}  {r['label']:<10} {probs}  {'; '.join(r['warnings'])}")
+
+
+def cmd_predict(args) -> int:
+    import csv
+
+    from covidscan.errors import ImageReadError
+    from covidscan.inference import Predictor
+    from covidscan.results import dumps
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    names = predictor.class_names
+    results, failed = [], 0
+    files = expand_paths(args.paths)
+    bar = None
+    if len(files) > 1 and not args.quiet:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(files), unit="img", desc="predict", file=sys.stderr, leave=False)
+    for path in files:
+        try:
+            results.append(predictor.predict(path).to_dict())
+        except (ImageReadError, FileNotFoundError) as exc:
+            failed += 1
+            print(f"covidscan: error: {exc}", file=sys.stderr)
+        if bar is not None:
+            bar.update()
+    if bar is not None:
+        bar.close()
+    if args.json:
+        print(dumps(results, indent=2))
+    elif args.csv:
+        w = csv.writer(sys.stdout)
+        w.writerow(["file", "label", *names, "warnings"])
+        for r in results:
+            w.writerow([r["source"], r["label"], *(f"{r['probabilities'][n]:.6f}" for n in names), "; ".join(r["warnings"])])
+    else:
+        _print_table(results, names)
+    if failed:
+        print(f"covidscan: {failed} file(s) could not be predicted", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_explain(args) -> int:
+    from covidscan.data import read_image
+    from covidscan.explain import save_overlay
+    from covidscan.inference import Predictor
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    scan = read_image(args.image)
+    cam, cls = predictor.explain(scan, args.target)
+    pred = predictor.predict_scan(scan, str(args.image))
+    title = f"Grad-CAM for {cls} (p={pred.probabilities[cls]:.2f}); predicted {pred.label}"
+    save_overlay(args.out, scan.pixels, cam, title)
+    print(f"{title}\nwrote {args.out}")
+    return 0
+
+
+def cmd_serve(args) -> int:
+    import uvicorn
+
+    from covidscan.errors import CLIError
+    from covidscan.inference import Predictor
+    from covidscan.serve import create_app
+
+    if args.max_upload_mb <= 0:
+        raise CLIError(f"--max-upload-mb {args.max_upload_mb}: must be a positive number of megabytes")
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    app = create_app(predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from covidscan.export import export_checkpoint
+
+    diff = export_checkpoint(args.checkpoint, args.onnx, opset=args.opset)
+    print(f"wrote {args.onnx}; max |onnxruntime - pytorch| = {diff:.2e} on a random batch")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from covidscan.probe import probe, probe_markdown
+    from covidscan.results import write_json
+
+    r = probe(args.checkpoint, args.data, split_file=args.split, subset=args.subset, device=args.device)
+    md = probe_markdown(r)
+    print(md)
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "probe.md").write_text(md)
+        write_json(r, args.out / "probe.json")
+    return 0
+
+
+def cmd_card(args) -> int:
+    from covidscan.card import model_card
+
+    md = model_card(args.checkpoint, metrics=args.metrics, probe=args.probe)
+    if args.out:
+        args.out.write_text(md)
+        print(f"wrote {args.out}")
+    else:
+        print(md)
+    return 0
+
+
+def _subset_args(p) -> None:
+    p.add_argument("--split", type=Path, help="split CSV; evaluates its --subset")
+    p.add_argument("--subset", choices=["train", "val", "test"], default="test")
+
+
+def register(sub) -> None:
+    p = sub.add_parser("evaluate", help="metrics with 95 percent CIs, calibration, ROC, report.md (internal or external data)")
+    common.add_checkpoint(p)
+    common.add_data(p, positional=False, required=False, help_extra=": evaluated in full (external validation)")
+    _subset_args(p)
+    common.add_out(p, "folder for report.md, metrics.json, predictions.csv and figures")
+    p.add_argument("--grid", type=int, default=0, help="also draw N test scans with predictions (paper Fig. 8/9)")
+    common.add_bootstrap(p, 1000)
+    common.add_device(p)
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="class probabilities for image files / folders (PNG, JPEG, DICOM)")
+    common.add_checkpoint(p)
+    p.add_argument("paths", type=Path, nargs="+", help="image files or folders")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json", action="store_true", help="strict JSON, one object per image")
+    g.add_argument("--csv", action="store_true", help="CSV with a header")
+    common.add_device(p)
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("explain", help="Grad-CAM overlay for the predicted (or --class) class")
+    common.add_checkpoint(p)
+    p.add_argument("image", type=Path)
+    common.add_out(p, "PNG to write")
+    p.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
+    common.add_device(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("serve", help="web API and upload page (FastAPI)")
+    common.add_checkpoint(p)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload in megabytes (positive)")
+    common.add_device(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
+    common.add_checkpoint(p)
+    p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
+    p.add_argument("--opset", type=int, default=17)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("probe", help="shortcut probe: accuracy with the lungs masked out, and with only the lungs")
+    common.add_checkpoint(p)
+    common.add_data(p, positional=False, required=False)
+    _subset_args(p)
+    common.add_out(p, "folder for probe.md / probe.json", required=False)
+    common.add_device(p)
+    p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
+    common.add_checkpoint(p)
+    p.add_argument("--metrics", type=Path, help="metrics.json from covidscan evaluate")
+    p.add_argument("--probe", type=Path, help="probe.json from covidscan probe --out")
+    common.add_out(p, "markdown file to write (default: print)", required=False)
+    p.set_defaults(func=cmd_card)
