@@ -72,7 +72,8 @@ def main() -> None:
             print(
                 f"| single source (`xray` only) -> all of `xray-extra` | {pc['auroc'][c]:.3f} [{lo:.3f}, {hi:.3f}] | "
                 f"sens {pc['sensitivity'][c] * 100:.1f}, spec {pc['specificity'][c] * 100:.1f} on all of xray-extra |"
-                + " |" * (len(sources) - 1)
+                + " |"
+                * (len(sources) - 1)
             )
         for name, r in items:
             p = r["pooled"]

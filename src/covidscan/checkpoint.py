@@ -23,20 +23,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
+import torchvision
 
+from covidscan import __version__
 from covidscan.data.transforms import Preprocess
 from covidscan.errors import CheckpointError
 from covidscan.labels import TASKS
+from covidscan.models import build_model
 
 FORMAT = "covidscan-checkpoint"
 VERSION = 1
 
 
 def library_versions() -> dict:
-    import torchvision
-
-    from covidscan import __version__
-
     return {
         "covidscan": __version__,
         "torch": str(torch.__version__),
@@ -181,8 +180,6 @@ def model_from_checkpoint(obj: dict, path: str | Path = "<checkpoint>"):
     Raises:
         CheckpointError: the weights do not fit the stored backbone and head.
     """
-    from covidscan.models import build_model
-
     meta: CheckpointMeta = obj["meta"]
     try:
         model, _ = build_model(meta.backbone, meta.head, len(meta.class_names), weights="none", dropout=meta.dropout)

@@ -34,6 +34,7 @@ class DataConfig:
     equalize: bool = False  # histogram equalisation (contrast normalisation); stored in the checkpoint
     crop: float = 0.0  # fraction cut from each border before resizing (text, markers); stored in the checkpoint
     lung_crop: bool = False  # crop to the lung fields (heuristic box, covidscan.data.lungs); stored in the checkpoint
+    lungs: str = "none"  # learned lung mask (covidscan.lungseg): none | crop | mask | both; stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
     allow_empty_class: bool = False  # train even when a class of the task has no training image (else an error)
 
@@ -196,6 +197,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.protocol={cfg.data.protocol!r}; choose grouped or paper")
     if cfg.data.image_size and cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
+    if cfg.data.lungs not in ("none", "crop", "mask", "both"):
+        raise ConfigError(f"data.lungs={cfg.data.lungs!r}; choose none, crop, mask or both")
     if cfg.model.head not in ("linear", "paper"):
         raise ConfigError(f"model.head={cfg.model.head!r}; choose linear or paper")
     if cfg.train.sampler not in ("plain", "balanced"):

@@ -33,8 +33,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
+from torch.utils.data.distributed import DistributedSampler
+from tqdm.auto import tqdm
 
 from covidscan.appearance import appearance_reference
 from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
@@ -189,8 +193,6 @@ def backbone_features(model, ds: ScanDataset, device, cfg: Config) -> torch.Tens
 def train_sampler(cfg: Config, data: TrainData, epoch: int, run: RunContext, gen: torch.Generator):
     """This epoch's order: distributed, label x source balanced, or a plain shuffle (seeded by ``gen``)."""
     if run.distributed:
-        from torch.utils.data.distributed import DistributedSampler
-
         sampler = DistributedSampler(data.train, shuffle=True, seed=cfg.train.seed)
         sampler.set_epoch(epoch)
         return sampler
@@ -410,7 +412,10 @@ def train(
         )
         pre = Preprocess.from_config(model.spec, cfg.data)
         train_data = build_datasets(cfg, split, pre, progress=progress and run.is_main)
-        # everything that can fail on bad input has run: only now is the run folder written
+        # everything that can fail on bad input has run: only now is the run folder written, and only
+        # once every process has checked it (else a slower rank would find the files rank 0 just wrote)
+        if run.distributed:
+            dist.barrier()
         if run.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
@@ -423,10 +428,19 @@ def train(
         return _fit(cfg, model, train_data, keeper, run, state, progress, stop_after_epoch, t_start)
 
 
-def _fit(
-    cfg: Config, model, data: TrainData, keeper: CheckpointKeeper, run: RunContext, state, progress, stop_after_epoch, t_start
-) -> TrainResult:
-    """Set the model up on the device (frozen parts, feature cache, DDP) and run the epochs."""
+@dataclass
+class Fitting:
+    """What the epochs run with, once the model is on its device."""
+
+    net: torch.nn.Module  # what the batches go through: the model, its head (feature cache) or DDP
+    fast: bool  # frozen-backbone feature cache in use
+    optimizer: torch.optim.Optimizer
+    class_w: torch.Tensor | None
+    workers: int
+
+
+def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
+    """Frozen parts, device, memory format, optimizer, feature cache and DDP wrapping."""
     device = run.device
     if cfg.model.freeze_backbone:
         model.backbone.requires_grad_(False)
@@ -436,9 +450,8 @@ def _fit(
     if cfg.train.channels_last:  # NHWC: measured +24% InceptionV3 training on CPU, neutral for DenseNet
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(cfg, model)
-    class_w = class_weights(cfg, data.train.labels(), len(keeper.meta.class_names), device)
-    workers = num_workers(cfg, device)
-    net, fast = model, uses_feature_cache(cfg, run)
+    class_w = class_weights(cfg, data.train.labels(), model.head.fc.out_features, device)
+    net, fast, workers = model, uses_feature_cache(cfg, run), num_workers(cfg, device)
     if cfg.model.freeze_backbone and cfg.train.feature_cache and cfg.augment.enabled:
         logger.info("feature cache off: augmentation changes the backbone's input every epoch")
     if fast:  # same batches, same dropout draws as the full loop: equivalent up to float rounding
@@ -446,66 +459,72 @@ def _fit(
         data.val = FeatureDataset(backbone_features(model, data.val, device, cfg), data.val)
         net, workers = model.head, 0
     if run.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return Fitting(net, fast, optimizer, class_w, workers)
+
+
+def run_epoch(
+    cfg: Config, epoch: int, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper, *, progress: bool
+) -> bool:
+    """Train one epoch, validate and checkpoint on the main process; True when training should stop."""
+    t0, device = time.perf_counter(), run.device
+    seed = cfg.train.seed * 100_003 + epoch
+    torch.manual_seed(seed)  # inside train()'s fork_rng: augmentation and dropout of this epoch
+    gen = torch.Generator().manual_seed(seed)
+    loader_kw = dict(num_workers=fit.workers, pin_memory=device.type == "cuda")
+    loader = DataLoader(
+        data.train,
+        batch_size=cfg.train.batch_size,
+        sampler=train_sampler(cfg, data, epoch, run, gen),
+        drop_last=len(data.train) > cfg.train.batch_size,
+        generator=gen,
+        **loader_kw,
+    )
+    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
+    fit.net.train()
+    if cfg.model.freeze_backbone:
+        model.backbone.eval()  # frozen batch-norm statistics too
+    bar = (
+        tqdm(total=len(loader), desc=f"epoch {epoch}/{cfg.train.epochs}", unit="batch", leave=False)
+        if progress and run.is_main
+        else None
+    )
+    done = train_one_epoch(
+        fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
+        channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
+    )  # fmt: skip
+    if bar is not None:
+        bar.close()
+    train_secs = time.perf_counter() - t0
+    stop = torch.zeros(1)
+    if run.is_main:
+        val_loader = DataLoader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
+        row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
+        row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
+        row.update(train_images_per_s=done["seen"] / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
+        logger.info(
+            "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  (%.0fs)",
+            epoch, cfg.train.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
+        )  # fmt: skip
+        stop[0] = float(keeper.update(epoch, row, model, fit.optimizer))
+    if run.distributed:
+        dist.broadcast(stop, src=0)
+    return bool(stop.item())
+
+
+def _fit(
+    cfg: Config, model, data: TrainData, keeper: CheckpointKeeper, run: RunContext, state, progress, stop_after_epoch, t_start
+) -> TrainResult:
+    fit = prepare(cfg, model, data, run)
     start_epoch = 1
     if state is not None:
         model.load_state_dict(state["state_dict"])
-        optimizer.load_state_dict(state["train_state"]["optimizer"])
+        fit.optimizer.load_state_dict(state["train_state"]["optimizer"])
         start_epoch = keeper.restore(state["train_state"])
         logger.info("resuming %s at epoch %d", keeper.out, start_epoch)
-    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
-    loader_kw = dict(num_workers=workers, pin_memory=device.type == "cuda")
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        t0 = time.perf_counter()
-        seed = cfg.train.seed * 100_003 + epoch
-        torch.manual_seed(seed)  # inside train()'s fork_rng: augmentation and dropout of this epoch
-        gen = torch.Generator().manual_seed(seed)
-        loader = DataLoader(
-            data.train,
-            batch_size=cfg.train.batch_size,
-            sampler=train_sampler(cfg, data, epoch, run, gen),
-            drop_last=len(data.train) > cfg.train.batch_size,
-            generator=gen,
-            **loader_kw,
-        )
-        net.train()
-        if cfg.model.freeze_backbone:
-            model.backbone.eval()  # frozen batch-norm statistics too
-        bar = _bar(len(loader), f"epoch {epoch}/{cfg.train.epochs}") if progress and run.is_main else None
-        row = train_one_epoch(
-            net,
-            loader,
-            optimizer,
-            pre=data.pre,
-            device=device,
-            autocast=autocast,
-            class_w=class_w,
-            channels_last=cfg.train.channels_last and not fast,
-            max_batches=cfg.train.max_batches,
-            bar=bar,
-        )
-        if bar is not None:
-            bar.close()
-        train_secs = time.perf_counter() - t0
-        stop = torch.zeros(1)
-        if run.is_main:
-            val_loader = DataLoader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
-            row = {"epoch": epoch, "train_loss": row["train_loss"], "train_acc": row["train_acc"], "seen": row["seen"]}
-            row.update(validate(net if fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
-            row["train_images_per_s"] = row.pop("seen") / max(train_secs, 1e-9)
-            row["seconds"] = time.perf_counter() - t0
-            logger.info(
-                "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  (%.0fs)",
-                epoch, cfg.train.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],
-            )  # fmt: skip
-            stop[0] = float(keeper.update(epoch, row, model, optimizer))
-        if run.distributed:
-            import torch.distributed as dist
-
-            dist.broadcast(stop, src=0)
-        if stop.item() or (stop_after_epoch is not None and epoch >= stop_after_epoch):
+        stop = run_epoch(cfg, epoch, model, fit, data, run, keeper, progress=progress)
+        if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
     return TrainResult(
         out=keeper.out,
@@ -517,9 +536,3 @@ def _fit(
         seconds=time.perf_counter() - t_start,
         history=keeper.history,
     )
-
-
-def _bar(total: int, desc: str):
-    from tqdm.auto import tqdm
-
-    return tqdm(total=total, desc=desc, unit="batch", leave=False)

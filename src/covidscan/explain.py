@@ -11,9 +11,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
 
 
 def grad_cam(
@@ -55,8 +59,6 @@ def grad_cam(
 
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
     """RGB uint8 ``H x W x 3``: the scan in gray with the heat map (jet) blended on top."""
-    import matplotlib
-
     g = gray if gray.ndim == 2 else gray.mean(2)
     base = np.repeat(g[..., None], 3, axis=2)
     heat = matplotlib.colormaps["jet"](cam)[..., :3]
@@ -64,11 +66,6 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray
 
 
 def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str = "") -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     fig, ax = plt.subplots(figsize=(5, 5 * gray.shape[0] / gray.shape[1] + 0.3))
     ax.imshow(overlay(gray, cam))
     ax.set_axis_off()

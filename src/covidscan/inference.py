@@ -31,13 +31,20 @@ from covidscan.runtime import resolve_device
 
 @dataclass
 class Prediction:
+    """``label`` is the most probable class. ``decision`` is set when the checkpoint carries an
+    operating threshold (``covidscan calibrate``): ``{"class", "threshold", "positive"}``."""
+
     probabilities: dict[str, float]
     label: str
     warnings: list[str] = field(default_factory=list)
     source: str = ""
+    decision: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "label": self.label, "probabilities": self.probabilities, "warnings": self.warnings}
+        d = {"source": self.source, "label": self.label, "probabilities": self.probabilities, "warnings": self.warnings}
+        if self.decision is not None:
+            d["decision"] = self.decision
+        return d
 
 
 class Predictor:
@@ -95,12 +102,15 @@ class Predictor:
         u8 = to_gray_uint8(scan, self.pre)  # decoded, resized once for the model and the checks
         p = self.probabilities(to_input(u8, self.pre)[None])[0]
         k = int(p.argmax())
-        return Prediction(
-            {n: float(v) for n, v in zip(self.class_names, p)},
-            self.class_names[k],
-            self.check(scan, u8),
-            source or str(scan.path),
-        )
+        probs = {n: float(v) for n, v in zip(self.class_names, p)}
+        return Prediction(probs, self.class_names[k], self.check(scan, u8), source or str(scan.path), self.decide(probs))
+
+    def decide(self, probs: dict[str, float]) -> dict | None:
+        """Positive / negative at the checkpoint's calibrated threshold; None when it has none."""
+        t = self.meta.threshold
+        if not t:
+            return None
+        return {"class": t["class"], "threshold": t["value"], "positive": probs[t["class"]] >= t["value"]}
 
     def predict(self, path: str | Path) -> Prediction:
         return self.predict_scan(read_image(path), str(path))

@@ -16,6 +16,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from sklearn.metrics import roc_auc_score, roc_curve  # noqa: E402
 
 from covidscan.config import load_config  # noqa: E402
 from covidscan.data import load_dataset, read_image  # noqa: E402
@@ -162,8 +163,6 @@ def _plot_confusion(cm: np.ndarray, names, path: Path) -> None:
 
 
 def _plot_roc(y, probs, names, path: Path) -> None:
-    from sklearn.metrics import roc_auc_score, roc_curve
-
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for c, n in enumerate(names):
         yb = (y == c).astype(int)

@@ -12,6 +12,7 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 
 
 def resolve_device(name: str) -> torch.device:
@@ -57,8 +58,6 @@ class RunContext:
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(device_name)
         if world > 1:
-            import torch.distributed as dist
-
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
             if device.type == "cuda":

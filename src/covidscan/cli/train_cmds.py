@@ -82,7 +82,27 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_lungs(args) -> int:
+    from covidscan.lungseg import train_lungs
+
+    info = train_lungs(args.data, args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
+    print(
+        f"held-out Dice {info['dice_heldout_mean']:.4f} (min {info['dice_heldout_min']:.4f}, {info['heldout_images']} images); "
+        f"trained on {info['train_images']} in {info['seconds']:.0f} s"
+    )
+    print(f"wrote {args.out}/lungseg_unet128.pt and lungseg.json")
+    return 0
+
+
 def register(sub) -> None:
+    p = sub.add_parser("lungs", help="train the lung segmentation U-Net on images with masks (xray-lungs)")
+    common.add_data(p, positional=False, help_extra=" with a mask column")
+    common.add_out(p, "folder for lungseg_unet128.pt and lungseg.json")
+    p.add_argument("--epochs", type=int, default=40)
+    p.add_argument("--seed", type=int, default=0)
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_lungs)
+
     p = sub.add_parser("train", help="train a model (one loop for every backbone, head and task)")
     common.add_config(p)
     common.add_data(p, positional=False, required=False)

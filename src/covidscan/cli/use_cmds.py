@@ -41,12 +41,22 @@ def expand_paths(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _decision_text(r: dict) -> str:
+    d = r.get("decision")
+    if not d:
+        return ""
+    return f"{d['class']} {'POSITIVE' if d['positive'] else 'negative'} (p >= {d['threshold']:.3f})"
+
+
 def _print_table(results: list[dict], names: list[str]) -> None:
     width = max([len(r["source"]) for r in results] + [4])
-    print(f"{'file':<{width}}  {'label':<10} " + " ".join(f"{n:>10}" for n in names) + "  warnings")
+    thresholded = any(r.get("decision") for r in results)
+    head = f"{'file':<{width}}  {'label':<10} " + " ".join(f"{n:>10}" for n in names)
+    print(head + ("  at threshold" + " " * 20 if thresholded else "") + "  warnings")
     for r in results:
         probs = " ".join(f"{r['probabilities'][n]:>10.4f}" for n in names)
-        print(f"{r['source']:<{width}}  {r['label']:<10} {probs}  {'; '.join(r['warnings'])}")
+        decision = f"  {_decision_text(r):<33}" if thresholded else ""
+        print(f"{r['source']:<{width}}  {r['label']:<10} {probs}{decision}  {'; '.join(r['warnings'])}")
 
 
 def cmd_predict(args) -> int:
@@ -79,9 +89,10 @@ def cmd_predict(args) -> int:
         print(dumps(results, indent=2))
     elif args.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["file", "label", *names, "warnings"])
+        w.writerow(["file", "label", *names, "decision", "warnings"])
         for r in results:
-            w.writerow([r["source"], r["label"], *(f"{r['probabilities'][n]:.6f}" for n in names), "; ".join(r["warnings"])])
+            probs = (f"{r['probabilities'][n]:.6f}" for n in names)
+            w.writerow([r["source"], r["label"], *probs, _decision_text(r), "; ".join(r["warnings"])])
     else:
         _print_table(results, names)
     if failed:
@@ -153,6 +164,28 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_calibrate(args) -> int:
+    from covidscan.adapt import calibrate
+
+    meta = calibrate(args.checkpoint, args.data, args.out, sensitivity=args.sensitivity, device=args.device)
+    t = meta.threshold
+    print(
+        f"threshold for {t['class']}: {t['value']:.4f} -> sensitivity {t['sensitivity']:.1%} ({t['positives']} positives), "
+        f"specificity {t['specificity']:.1%} ({t['negatives']} negatives) on {t['data']}"
+    )
+    print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_adapt(args) -> int:
+    from covidscan.adapt import adapt
+
+    images = expand_paths(args.images)
+    meta = adapt(args.checkpoint, images, args.out, device=args.device)
+    print(f"BatchNorm statistics re-estimated on {meta.adaptation['images']} image(s); wrote {args.out}")
+    return 0
+
+
 def _subset_args(p) -> None:
     p.add_argument("--split", type=Path, help="split CSV; evaluates its --subset")
     p.add_argument("--subset", choices=["train", "val", "test"], default="test")
@@ -209,6 +242,21 @@ def register(sub) -> None:
     common.add_out(p, "folder for probe.md / probe.json", required=False)
     common.add_device(p)
     p.set_defaults(func=cmd_probe)
+
+    p = sub.add_parser("calibrate", help="choose the COVID threshold for a target sensitivity on your own labelled scans")
+    common.add_checkpoint(p)
+    common.add_data(p, positional=False, help_extra=" with labels, from the site the model will be used at")
+    p.add_argument("--sensitivity", type=float, default=0.95, help="target COVID sensitivity (default 0.95)")
+    common.add_out(p, "checkpoint to write: the same model with the threshold stored")
+    common.add_device(p)
+    p.set_defaults(func=cmd_calibrate)
+
+    p = sub.add_parser("adapt", help="re-estimate BatchNorm statistics on unlabelled scans of a new site (AdaBN)")
+    common.add_checkpoint(p)
+    p.add_argument("images", type=Path, nargs="+", help="image files or folders of the new site (no labels needed)")
+    common.add_out(p, "checkpoint to write: the adapted model")
+    common.add_device(p)
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
     common.add_checkpoint(p)

@@ -16,12 +16,14 @@ import hashlib
 import logging
 import os
 import tempfile
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+from tqdm.auto import tqdm
 
 from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.data.manifest import Record
@@ -68,8 +70,6 @@ class ImageStore:
         workers = workers or min(8, os.cpu_count() or 1)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-
             bar = tqdm(total=n, desc=f"decode {size}px", unit="img", leave=False)
         with ThreadPoolExecutor(max_workers=workers) as pool:
             for i, result in enumerate(pool.map(self._load, records)):
@@ -185,8 +185,6 @@ class FeatureDataset(Dataset):
 
 def balanced_weights(labels: list, sources: list) -> torch.Tensor:
     """Sampling weights giving every (label, source) cell of the training set the same share of draws."""
-    from collections import Counter
-
     cells = list(zip(labels, sources))
     count = Counter(cells)
     w = torch.tensor([1.0 / count[c] for c in cells], dtype=torch.double)

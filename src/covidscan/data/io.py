@@ -19,13 +19,16 @@ names the file and the cause.
 
 from __future__ import annotations
 
+import io
 import logging
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pydicom
 from PIL import Image, UnidentifiedImageError
+from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
 from covidscan.errors import ImageReadError
 
@@ -90,17 +93,15 @@ def read_image(path: str | Path) -> ScanImage:
 
 def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
     """Read an image from memory (an upload); the content is sniffed, never the name."""
-    import io as _io
-
     if len(data) >= 132 and data[128:132] == b"DICM":
         try:
-            return _read_dicom(_io.BytesIO(data), name=name)
+            return _read_dicom(io.BytesIO(data), name=name)
         except ImageReadError:
             raise
         except Exception as exc:  # pydicom raises many types for bad data
             raise ImageReadError(name, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
     try:
-        return _read_pillow(_io.BytesIO(data), name=name)
+        return _read_pillow(io.BytesIO(data), name=name)
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
@@ -172,11 +173,6 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 def _read_dicom(src, name: str | None = None) -> ScanImage:
     label = name or src
     try:
-        import pydicom
-        from pydicom.pixels import apply_modality_lut, apply_voi_lut
-    except ImportError as exc:  # pragma: no cover - pydicom is a core dependency
-        raise ImportError("reading DICOM needs pydicom: pip install pydicom") from exc
-    try:
         ds = pydicom.dcmread(src)
     except Exception as exc:  # InvalidDicomError and friends
         raise ImageReadError(label, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
@@ -192,8 +188,6 @@ def _read_dicom(src, name: str | None = None) -> ScanImage:
         if frames > 1:
             arr = arr[frames // 2]
         if photometric != "RGB":
-            from pydicom.pixels import convert_color_space
-
             arr = convert_color_space(arr, photometric, "RGB")
         return ScanImage(_maybe_gray(_minmax(arr)), "DICOM", photometric, Path(str(label)))
     if frames > 1:

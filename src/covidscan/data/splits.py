@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from covidscan.data.manifest import DatasetIndex
+from covidscan.data.manifest import DatasetIndex, load_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -140,6 +140,8 @@ def grouped_split(index: DatasetIndex, *, test: float = 0.2, val: float = 0.1, s
 
 def paper_split(index: DatasetIndex, *, test: float = 0.2, val: float = 0.1, seed: int = 0) -> Split:
     """Berrimi et al.'s image-level stratified split (leaks patients; reproduction only)."""
+    # imported here: scikit-learn takes about a second to import, and `covidscan split` / `stats`
+    # on the grouped protocol never need it
     from sklearn.model_selection import train_test_split
 
     _check_fractions(test, val)
@@ -204,8 +206,6 @@ def write_split(split: Split, out: str | Path) -> Path:
 
 def read_split(path: str | Path, task: str | None = None) -> Split:
     """Read a split file written by :func:`write_split` (itself a manifest)."""
-    from covidscan.data.manifest import load_dataset
-
     index = load_dataset(path, task)
     assignment = [r.row.get("split", "") for r in index.records]
     bad = sorted({s for s in assignment if s not in SPLITS})

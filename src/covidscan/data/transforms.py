@@ -25,8 +25,11 @@ from torchvision.transforms.v2 import functional as TF
 
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import crop_to_lungs
+from covidscan.lungseg import VERSION as SEGMENTER_VERSION
+from covidscan.lungseg import apply_lungs
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
+LUNG_OPTIONS = ("none", "crop", "mask", "both")
 
 
 @dataclass(frozen=True)
@@ -37,7 +40,9 @@ class Preprocess:
     mean, std: per-channel normalisation of the ``[0, 1]`` input (the backbone spec's).
     equalize: histogram equalisation after resizing (contrast normalisation across sources).
     crop: fraction of width / height cut from each border before resizing (text, markers).
-    lung_crop: crop to the box around the lung fields (covidscan.data.lungs) before resizing.
+    lung_crop: crop to the box around the lung fields found by thresholding (covidscan.data.lungs).
+    lungs: the learned lung mask (covidscan.lungseg): ``none``, ``crop`` (to the lung box), ``mask``
+        (outside the lungs set to the median grey) or ``both``.
     version: :data:`PREPROCESS_VERSION` of the code that made it (keys the on-disk cache).
     """
 
@@ -48,6 +53,7 @@ class Preprocess:
     equalize: bool = False
     crop: float = 0.0
     lung_crop: bool = False
+    lungs: str = "none"
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
@@ -56,11 +62,14 @@ class Preprocess:
             raise ValueError(f"mean={self.mean}, std={self.std}: need three values each, std > 0")
         if not 0 <= self.crop < 0.5:
             raise ValueError(f"crop={self.crop}: must be in [0, 0.5)")
+        if self.lungs not in LUNG_OPTIONS:
+            raise ValueError(f"lungs={self.lungs!r}: choose one of {', '.join(LUNG_OPTIONS)}")
 
     def cache_key(self) -> str:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
         key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
-        return key + ("_lung" if self.lung_crop else "")
+        key += "_lung" if self.lung_crop else ""
+        return key + (f"_seg{self.lungs}{SEGMENTER_VERSION}" if self.lungs != "none" else "")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,11 +85,12 @@ class Preprocess:
             equalize=bool(d.get("equalize", False)),
             crop=float(d.get("crop", 0.0)),
             lung_crop=bool(d.get("lung_crop", False)),
+            lungs=str(d.get("lungs", "none")),
         )
 
     @classmethod
     def for_backbone(
-        cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False
+        cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False, lungs: str = "none"
     ) -> Preprocess:
         return cls(
             image_size=image_size or spec.input_size,
@@ -89,13 +99,19 @@ class Preprocess:
             equalize=equalize,
             crop=crop,
             lung_crop=lung_crop,
+            lungs=lungs,
         )
 
     @classmethod
     def from_config(cls, spec, data_cfg) -> Preprocess:
         """The preprocessing a :class:`covidscan.config.DataConfig` asks for on backbone ``spec``."""
         return cls.for_backbone(
-            spec, data_cfg.image_size, equalize=data_cfg.equalize, crop=data_cfg.crop, lung_crop=data_cfg.lung_crop
+            spec,
+            data_cfg.image_size,
+            equalize=data_cfg.equalize,
+            crop=data_cfg.crop,
+            lung_crop=data_cfg.lung_crop,
+            lungs=data_cfg.lungs,
         )
 
 
@@ -120,6 +136,8 @@ def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.
         h, w = g.shape
         dy, dx = int(round(h * crop)), int(round(w * crop))
         g = g[dy : h - dy, dx : w - dx]
+    if not isinstance(pre, int) and pre.lungs != "none":
+        g = apply_lungs(g, pre.lungs)
     if not isinstance(pre, int) and pre.lung_crop:
         g = crop_to_lungs(g)
     t = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None]  # 1 x H x W

@@ -8,6 +8,7 @@ feature extractor with its channel count read from the replaced layer's ``in_fea
 from __future__ import annotations
 
 import importlib.util
+import re
 from collections import OrderedDict
 from pathlib import Path
 
@@ -47,8 +48,6 @@ def _densenet_builder(fn_name: str):
 
 def _fix_densenet_keys(state_dict: dict) -> dict:
     """torchvision's published DenseNet files use old names (``norm.1``); rename as torchvision does."""
-    import re
-
     pattern = re.compile(
         r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var|num_batches_tracked))$"
     )

@@ -9,6 +9,7 @@ upload folder. The Predictor serialises forward passes with a lock.
 """
 
 import base64
+import html
 import io
 from importlib.resources import files
 
@@ -41,7 +42,10 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
 
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
-        return page.replace("{{TASK}}", predictor.task).replace("{{CLASSES}}", ", ".join(predictor.class_names))
+        # values from the checkpoint are text, never markup: escaped so a class name cannot inject script
+        return page.replace("{{TASK}}", html.escape(predictor.task)).replace(
+            "{{CLASSES}}", html.escape(", ".join(predictor.class_names))
+        )
 
     @app.post("/predict")
     async def predict(

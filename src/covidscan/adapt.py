@@ -1,0 +1,124 @@
+"""Adapting a trained model to a new site: without labels (BatchNorm statistics) and with a few (threshold).
+
+* :func:`adapt_batchnorm` re-estimates every BatchNorm layer's running mean and variance on
+  unlabelled scans of the new site (Li et al. 2016, "Revisiting batch normalization for
+  practical domain adaptation", AdaBN). Weights and biases are not touched; only the
+  running statistics change.
+* :func:`threshold_for_sensitivity` picks the operating threshold of the positive class from a
+  site's own labelled scans: the highest threshold whose sensitivity there is at least the
+  target. :func:`calibrate` stores it in the checkpoint, and ``predict``, ``serve`` and the
+  page then report positive / negative at it as well as the probabilities.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint, save_checkpoint
+from covidscan.data import load_dataset
+from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir
+from covidscan.data.manifest import Record
+from covidscan.data.transforms import model_input
+from covidscan.errors import DataError
+from covidscan.evaluation import predict_index
+from covidscan.labels import POSITIVE_CLASS
+from covidscan.runtime import resolve_device
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def adapt_batchnorm(model: nn.Module, store: ImageStore, *, batch_size: int = 32, device: str = "cpu") -> int:
+    """Replace the running statistics of every BatchNorm layer by those of ``store``'s images.
+
+    Statistics are reset and accumulated as a plain average over all batches (``momentum=None``),
+    with the rest of the network in eval mode (dropout off). Returns the number of images used.
+    """
+    dev = resolve_device(device)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return 0
+    saved = [(m, m.momentum) for m in bns]
+    model.to(dev).eval()
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative moving average: every batch counts the same
+        m.train()
+    idx = [i for i in range(len(store.records)) if store.valid[i]]
+    ds = ScanDataset(store, idx, [0] * len(store.records), store.pre)
+    n = 0
+    try:
+        for batch in DataLoader(ds, batch_size=batch_size, shuffle=False):
+            if len(batch["image"]) < 2:
+                continue  # batch norm cannot take statistics of one image
+            model(model_input(batch["image"], store.pre, dev))
+            n += len(batch["image"])
+    finally:
+        for m, momentum in saved:
+            m.momentum = momentum
+        model.eval()
+    return n
+
+
+def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, sensitivity: float = 0.95) -> dict:
+    """The highest threshold ``t`` with sensitivity(score >= t) >= ``sensitivity`` on these labels.
+
+    ``y_pos``: 1 for the positive class, 0 otherwise; ``score``: its probability. Returns the
+    threshold and the sensitivity and specificity it gives on these data.
+    """
+    y_pos, score = np.asarray(y_pos, dtype=bool), np.asarray(score, dtype=np.float64)
+    if not 0 < sensitivity <= 1:
+        raise DataError(f"sensitivity={sensitivity}: must be in (0, 1]")
+    pos = np.sort(score[y_pos])[::-1]
+    if len(pos) == 0:
+        raise DataError(f"no {POSITIVE_CLASS} images in the calibration data: cannot set a threshold for sensitivity")
+    k = math.ceil(sensitivity * len(pos) - 1e-9)  # positives that must score at or above t
+    t = float(pos[k - 1])
+    neg = score[~y_pos]
+    return {
+        "value": t,
+        "sensitivity": float((pos >= t).mean()),
+        "specificity": float((neg < t).mean()) if len(neg) else math.nan,
+        "positives": int(len(pos)),
+        "negatives": int(len(neg)),
+    }
+
+
+def calibrate(checkpoint, data, out, *, sensitivity: float = 0.95, device: str = "auto") -> CheckpointMeta:
+    """Choose the ``covid`` threshold for ``sensitivity`` on labelled ``data`` and write ``out``:
+    the same model with the threshold in its metadata."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    obj = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(obj, checkpoint)
+    index = load_dataset(data, meta.task)
+    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images")
+    pos = meta.class_names.index(POSITIVE_CLASS)
+    chosen = threshold_for_sensitivity(preds.y == pos, preds.probs[:, pos], sensitivity)
+    data_names = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+    threshold = {"class": POSITIVE_CLASS, **chosen, "target_sensitivity": sensitivity, "data": ", ".join(data_names)}
+    new = meta.replace(threshold=threshold)
+    save_checkpoint(out, obj["state_dict"], new)
+    return new
+
+
+def adapt(checkpoint, images: list[Path], out, *, device: str = "auto") -> CheckpointMeta:
+    """Write ``out``: ``checkpoint`` with its BatchNorm statistics re-estimated on ``images`` (no labels needed)."""
+    checkpoint, out = Path(checkpoint), Path(out)
+    obj = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(obj, checkpoint)
+    records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in images]
+    store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+    n = adapt_batchnorm(model, store, device=device)
+    if n < 2:
+        raise DataError(f"BatchNorm adaptation needs at least 2 readable images; got {n}")
+    new = meta.replace(adaptation={"method": "batchnorm statistics (AdaBN)", "images": n, "skipped": len(store.skipped)})
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    save_checkpoint(out, state, new)
+    return new

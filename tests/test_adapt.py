@@ -1,0 +1,78 @@
+"""Site adaptation: BatchNorm statistics from unlabelled scans, a threshold from a few labelled ones."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from covidscan.adapt import adapt_batchnorm, threshold_for_sensitivity
+from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+from covidscan.cli import main
+from covidscan.data.dataset import ImageStore
+from covidscan.data.manifest import Record
+from covidscan.errors import DataError
+from covidscan.inference import Predictor
+from tests.conftest import make_folder_dataset
+
+
+def test_threshold_gives_the_requested_sensitivity():
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(200, bool), np.zeros(300, bool)]
+    score = np.r_[rng.beta(5, 2, 200), rng.beta(2, 5, 300)]
+    for target in (0.8, 0.9, 0.95, 1.0):
+        t = threshold_for_sensitivity(y, score, target)
+        achieved = (score[y] >= t["value"]).mean()
+        assert achieved >= target and t["sensitivity"] == pytest.approx(achieved)
+        # the highest such threshold: any higher one misses the target
+        assert (score[y] > t["value"]).mean() < target
+        assert t["specificity"] == pytest.approx((score[~y] < t["value"]).mean())
+    # hand-computed: positives 0.9, 0.8, 0.7, 0.6; 75% sensitivity needs 3 of them -> t = 0.7
+    t = threshold_for_sensitivity([1, 1, 1, 1, 0, 0], [0.9, 0.8, 0.7, 0.6, 0.65, 0.1], 0.75)
+    assert t["value"] == 0.7 and t["specificity"] == 1.0
+    with pytest.raises(DataError, match="no covid images"):
+        threshold_for_sensitivity([0, 0], [0.2, 0.4], 0.9)
+
+
+def test_bn_adaptation_changes_running_statistics_only(trained_run, tmp_path):
+    result, data = trained_run
+    model, meta = model_from_checkpoint(load_checkpoint(result.best_checkpoint))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # a "new site": the same kind of scans, brighter and lower-contrast
+    site = make_folder_dataset(tmp_path / "site", per_class=4, size=48, manifest=False, seed=5)
+    for p in site.rglob("*.png"):
+        from PIL import Image
+
+        arr = np.asarray(Image.open(p), dtype=np.float32)
+        Image.fromarray((arr * 0.5 + 100).astype(np.uint8)).save(p)
+    records = [Record(path=p, label="covid") for p in sorted(site.rglob("*.png"))]
+    n = adapt_batchnorm(model, ImageStore(records, meta.preprocess), device="cpu")
+    assert n == 12
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in changed)
+    bn_weights = [k for k in before if k.endswith(".weight") or k.endswith(".bias")]
+    assert all(torch.equal(before[k], after[k]) for k in bn_weights)
+
+
+def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run, tmp_path, capsys):
+    result, data = trained_run
+    cal = tmp_path / "calibrated.pt"
+    assert main(["calibrate", "--checkpoint", str(result.best_checkpoint), "--data", str(data), "--sensitivity", "0.9",
+                 "--out", str(cal)]) == 0  # fmt: skip
+    meta = load_checkpoint(cal)["meta"]
+    t = meta.threshold
+    assert t["class"] == "covid" and t["sensitivity"] >= 0.9 and t["target_sensitivity"] == 0.9
+    pred = Predictor.from_checkpoint(cal, device="cpu")
+    img = next((data / "covid").glob("*.png"))
+    p = pred.predict(img)
+    assert p.decision == {"class": "covid", "threshold": t["value"], "positive": p.probabilities["covid"] >= t["value"]}
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(cal), str(img), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["decision"]["threshold"] == pytest.approx(t["value"])
+    # the uncalibrated checkpoint gives no decision
+    assert Predictor.from_checkpoint(result.best_checkpoint, device="cpu").predict(img).decision is None
+    out = tmp_path / "adapted.pt"
+    assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data / "normal"), "--out", str(out)]) == 0
+    assert load_checkpoint(out)["meta"].adaptation["images"] == 10
