@@ -76,3 +76,28 @@ def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run
     out = tmp_path / "adapted.pt"
     assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data / "normal"), "--out", str(out)]) == 0
     assert load_checkpoint(out)["meta"].adaptation["images"] == 10
+
+
+def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):
+    from covidscan.engine import train
+    from covidscan.export import export_checkpoint
+    from tests.conftest import tiny_config
+
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=48)
+    a = train(tiny_config(train={"epochs": 1}), data, tmp_path / "a").best_checkpoint
+    b = train(tiny_config(train={"epochs": 1, "seed": 1}, model={"head": "paper"}), data, tmp_path / "b").best_checkpoint
+    assert main(["ensemble", str(a), str(b), "--out", str(tmp_path / "ens.pt")]) == 0
+    ens = Predictor.from_checkpoint(tmp_path / "ens.pt", device="cpu")
+    members = [Predictor.from_checkpoint(p, device="cpu") for p in (a, b)]
+    for img in sorted(data.rglob("*.png"))[:4]:
+        got = ens.predict(img).probabilities
+        want = {n: np.mean([m.predict(img).probabilities[n] for m in members]) for n in ens.class_names}
+        assert got == pytest.approx(want, abs=1e-6)
+    cam, cls = ens.explain(__import__("covidscan").read_image(img))
+    assert cam.shape == (48, 48) and np.isfinite(cam).all()
+    assert export_checkpoint(tmp_path / "ens.pt", tmp_path / "ens.onnx") < 1e-4
+    # members of another preprocessing cannot be averaged on one input
+    c = train(tiny_config(train={"epochs": 1}, data={"image_size": 32}), data, tmp_path / "c").best_checkpoint
+    capsys.readouterr()
+    assert main(["ensemble", str(a), str(c), "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "preprocessing differs" in capsys.readouterr().err

@@ -1,14 +1,29 @@
 """The upload page, driven in Debian's headless Chromium by Playwright, against a real server."""
 
+import os
 import shutil
 import socket
+import subprocess
 import threading
 import time
 from pathlib import Path
 
 import pytest
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+
+def _chromium() -> str | None:
+    """Debian's Chromium; installed with apt-get when missing (as root), so that the README's test
+    command passes on a fresh machine by itself (Playwright never downloads a browser here)."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found or not shutil.which("apt-get") or os.geteuid() != 0:
+        return found
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for cmd in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "chromium"]):
+        if subprocess.run(cmd, env=env, capture_output=True, timeout=900).returncode != 0:
+            return None
+    return shutil.which("chromium")
+
+
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 
 pytestmark = pytest.mark.browser
@@ -43,8 +58,9 @@ def server(trained_run):
 
 
 def test_upload_page_shows_probabilities_and_heatmap(server):
-    if CHROMIUM is None:
-        pytest.fail("Debian's chromium is not installed (apt-get install -y chromium); .ci/run installs it")
+    chromium = _chromium()
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed and could not be installed (run as root: apt-get install -y chromium)")
     from playwright.sync_api import sync_playwright
 
     url, data = server
@@ -52,7 +68,7 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(
-            executable_path=CHROMIUM,
+            executable_path=chromium,
             headless=True,
             args=[
                 "--no-sandbox",

@@ -74,6 +74,7 @@ class CheckpointMeta:
     val_metrics: dict = field(default_factory=dict)
     threshold: dict | None = None
     adaptation: dict | None = None
+    members: list | None = None  # an ensemble's members (covidscan.ensemble); None for a single model
     extra: dict = field(default_factory=dict)
 
     @property
@@ -181,6 +182,10 @@ def model_from_checkpoint(obj: dict, path: str | Path = "<checkpoint>"):
         CheckpointError: the weights do not fit the stored backbone and head.
     """
     meta: CheckpointMeta = obj["meta"]
+    if meta.members:
+        from covidscan.ensemble import ensemble_from_meta  # ensemble imports this module
+
+        return ensemble_from_meta(meta, obj["state_dict"], path), meta
     try:
         model, _ = build_model(meta.backbone, meta.head, len(meta.class_names), weights="none", dropout=meta.dropout)
     except ValueError as exc:  # unknown backbone or head

@@ -186,6 +186,14 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_ensemble(args) -> int:
+    from covidscan.ensemble import make_ensemble
+
+    meta = make_ensemble(args.checkpoints, args.out)
+    print(f"{meta.extra['description']}; wrote {args.out}")
+    return 0
+
+
 def _subset_args(p) -> None:
     p.add_argument("--split", type=Path, help="split CSV; evaluates its --subset")
     p.add_argument("--subset", choices=["train", "val", "test"], default="test")
@@ -257,6 +265,11 @@ def register(sub) -> None:
     common.add_out(p, "checkpoint to write: the adapted model")
     common.add_device(p)
     p.set_defaults(func=cmd_adapt)
+
+    p = sub.add_parser("ensemble", help="average several checkpoints' probabilities; writes one checkpoint")
+    p.add_argument("checkpoints", type=Path, nargs="+", help="member checkpoints (same task and preprocessing)")
+    common.add_out(p, "ensemble checkpoint to write")
+    p.set_defaults(func=cmd_ensemble)
 
     p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
     common.add_checkpoint(p)

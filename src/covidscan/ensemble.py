@@ -1,0 +1,115 @@
+"""Ensembles: several trained models whose class probabilities are averaged, stored as one checkpoint.
+
+``covidscan ensemble A.pt B.pt --out ens.pt`` writes a checkpoint that ``predict``, ``serve``,
+``evaluate``, ``explain``, ``calibrate`` and ``export`` accept like any other. Members must
+share the task and the preprocessing (input size, normalisation, crop and lung options), so
+one input tensor feeds them all; they may differ in backbone, head and training.
+
+The ensemble's forward returns ``log(mean_k softmax(f_k(x)))``: logits whose softmax is exactly
+the members' mean probability, so everything downstream (softmax, cross-entropy, ONNX export)
+works unchanged. Grad-CAM explains the mean through the first member's feature map.
+"""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint, save_checkpoint
+from covidscan.errors import CheckpointError
+
+#: preprocessing fields the members must agree on
+SHARED = ("image_size", "mean", "std", "equalize", "crop", "lung_crop", "lungs")
+
+
+class Ensemble(nn.Module):
+    """Mean of the members' softmax probabilities, returned as log-probabilities (``N x classes``)."""
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        if not members:
+            raise ValueError("an ensemble needs at least one member")
+        self.members = nn.ModuleList(members)
+        self.spec = replace(members[0].spec, cam_layer="members.0.backbone")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+def member_record(meta: CheckpointMeta, path: Path) -> dict:
+    return {
+        "checkpoint": str(path),
+        "backbone": meta.backbone,
+        "head": meta.head,
+        "dropout": meta.dropout,
+        "weights_source": meta.weights_source,
+        "config": meta.config,
+        "val_metrics": meta.val_metrics,
+    }
+
+
+def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointMeta:
+    """Write the ensemble of ``checkpoints`` to ``out``; returns its metadata.
+
+    Raises:
+        CheckpointError: fewer than two members, or members of other tasks / preprocessing.
+    """
+    if len(checkpoints) < 2:
+        raise CheckpointError("an ensemble needs at least two checkpoints")
+    metas, state = [], {}
+    for i, path in enumerate(checkpoints):
+        obj = load_checkpoint(path)
+        meta: CheckpointMeta = obj["meta"]
+        if meta.members:
+            raise CheckpointError(f"{path}: is an ensemble already; list its members instead")
+        if metas:
+            first = metas[0][0]
+            if meta.task != first.task:
+                raise CheckpointError(f"{path}: task {meta.task!r} differs from {first.task!r}")
+            a, b = meta.preprocess.to_dict(), first.preprocess.to_dict()
+            diff = [k for k in SHARED if a[k] != b[k]]
+            if diff:
+                raise CheckpointError(f"{path}: preprocessing differs from the first member in {', '.join(diff)}")
+        metas.append((meta, Path(path)))
+        state.update({f"members.{i}.{k}": v for k, v in obj["state_dict"].items()})
+    first = metas[0][0]
+    names = " + ".join(f"{m.backbone}/{m.head}" for m, _ in metas)
+    meta = first.replace(
+        backbone="ensemble",
+        head="mean",
+        weights_source="; ".join(m.weights_source for m, _ in metas),
+        members=[member_record(m, p) for m, p in metas],
+        threshold=None,
+        epoch=None,
+        val_metrics={},
+        extra={**first.extra, "description": f"mean of {len(metas)} members: {names}"},
+    )
+    save_checkpoint(out, state, meta)
+    return meta
+
+
+def ensemble_from_meta(meta: CheckpointMeta, state_dict: dict, path) -> Ensemble:
+    """Rebuild an :class:`Ensemble` from its checkpoint (called by ``checkpoint.model_from_checkpoint``)."""
+    from covidscan.models import build_model
+
+    members = []
+    for m in meta.members:
+        model, _ = build_model(m["backbone"], m["head"], len(meta.class_names), weights="none", dropout=m.get("dropout"))
+        members.append(model)
+    ens = Ensemble(members)
+    try:
+        ens.load_state_dict(state_dict)
+    except RuntimeError as exc:
+        raise CheckpointError(f"{path}: ensemble weights do not fit its members ({str(exc)[:200]})") from exc
+    return ens.eval()
+
+
+def load_members(path) -> list[tuple[nn.Module, CheckpointMeta]]:
+    """The members of an ensemble checkpoint as separate models (for tests and reports)."""
+    obj = load_checkpoint(path)
+    ens, meta = model_from_checkpoint(obj, path)
+    return [(m, meta) for m in ens.members]
