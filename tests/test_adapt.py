@@ -101,3 +101,27 @@ def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):
     capsys.readouterr()
     assert main(["ensemble", str(a), str(c), "--out", str(tmp_path / "bad.pt")]) == 2
     assert "preprocessing differs" in capsys.readouterr().err
+
+
+def test_train_ensemble_command_shares_one_split(tmp_path, capsys):
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
+    common = "model:\n  weights: none\n  backbone: efficientnet_lite0\ndata:\n  image_size: 40\naugment:\n  enabled: false\n"
+    (tmp_path / "a.yaml").write_text(common + "train:\n  epochs: 1\n  batch_size: 4\n")
+    (tmp_path / "b.yaml").write_text(
+        common.replace("efficientnet_lite0", "efficientnet_lite0\n  freeze_backbone: true")
+        + "train:\n  epochs: 2\n  batch_size: 4\n  lr: 0.01\n"
+    )
+    args = ["train-ensemble", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"),
+            "--data", str(data), "--out", str(tmp_path / "ens"), "--quiet"]  # fmt: skip
+    assert main(args) == 0
+    assert "checkpoint: " + str(tmp_path / "ens" / "ensemble.pt") in capsys.readouterr().out
+    from covidscan.data import read_split
+
+    splits = [read_split(tmp_path / "ens" / f / "split.csv") for f in ("member0", "member1", ".")]
+    assert [r.path for r in splits[0].index.records] == [r.path for r in splits[2].index.records]
+    assert splits[0].assignment == splits[1].assignment == splits[2].assignment
+    meta = load_checkpoint(tmp_path / "ens" / "ensemble.pt")["meta"]
+    assert meta.backbone == "ensemble" and len(meta.members) == 2 and meta.members[1]["config"]["model"]["freeze_backbone"]
+    assert main(args) == 2  # an ensemble is never replaced silently
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "ens" / "ensemble.pt"), "--out", str(tmp_path / "ev"),
+                 "--bootstrap", "10", "--quiet"]) == 0  # fmt: skip

@@ -82,6 +82,23 @@ def cmd_reproduce(args) -> int:
     return 0
 
 
+def cmd_train_ensemble(args) -> int:
+    import time
+
+    from covidscan.config import load_config
+    from covidscan.ensemble import train_ensemble
+
+    t0 = time.perf_counter()
+    configs = [load_config(c, args.set) for c in args.config]
+    path, results = train_ensemble(configs, args.data, args.out, overwrite=args.overwrite, progress=not args.quiet)
+    for cfg_path, r in zip(args.config, results):
+        print(
+            f"member {cfg_path}: best epoch {r.best_epoch}, val acc {r.best_metrics.get('val_acc', float('nan')):.4f} ({r.seconds:.0f} s)"
+        )
+    print(f"checkpoint: {path}   ({time.perf_counter() - t0:.0f} s)")
+    return 0
+
+
 def cmd_lungs(args) -> int:
     from covidscan.lungseg import train_lungs
 
@@ -95,6 +112,15 @@ def cmd_lungs(args) -> int:
 
 
 def register(sub) -> None:
+    p = sub.add_parser("train-ensemble", help="train one model per --config on one split and average them (one checkpoint)")
+    p.add_argument("--config", type=Path, action="append", required=True, help="a member's recipe (repeat, at least two)")
+    common.add_data(p, positional=False)
+    common.add_out(p, "folder for member0, member1, ... and ensemble.pt")
+    common.add_set(p)
+    p.add_argument("--overwrite", action="store_true", help="replace an ensemble already in --out")
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_train_ensemble)
+
     p = sub.add_parser("lungs", help="train the lung segmentation U-Net on images with masks (xray-lungs)")
     common.add_data(p, positional=False, help_extra=" with a mask column")
     common.add_out(p, "folder for lungseg_unet128.pt and lungseg.json")
