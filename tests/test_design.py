@@ -192,3 +192,11 @@ def test_manifest_with_utf8_bom(tmp_path):
     (data / "manifest.csv").write_bytes(b"\xef\xbb\xbf" + text.replace("\n", "\r\n").encode())
     index = load_dataset(data)
     assert len(index) == 6 and index.grouping == "group_id"
+
+
+def test_every_json_file_in_docs_is_strict():
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    files = sorted(docs.rglob("*.json"))
+    assert files
+    for f in files:
+        _strict_loads(f.read_text())
