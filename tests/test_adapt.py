@@ -125,3 +125,32 @@ def test_train_ensemble_command_shares_one_split(tmp_path, capsys):
     assert main(args) == 2  # an ensemble is never replaced silently
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ens" / "ensemble.pt"), "--out", str(tmp_path / "ev"),
                  "--bootstrap", "10", "--quiet"]) == 0  # fmt: skip
+
+
+def test_precise_bn_changes_statistics_only_and_is_the_data_average(tmp_path):
+    from covidscan.adapt import batchnorm_statistics
+    from covidscan.engine import train
+    from tests.conftest import tiny_config
+
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    plain = train(tiny_config(train={"epochs": 2}), data, tmp_path / "plain")
+    precise = train(tiny_config(train={"epochs": 2, "precise_bn": 1000}), data, tmp_path / "precise")
+    a = load_checkpoint(plain.last_checkpoint)["state_dict"]
+    b = load_checkpoint(precise.last_checkpoint)["state_dict"]
+    stats = [k for k in a if k.endswith(("running_mean", "running_var"))]
+    others = [k for k in a if not k.endswith(("running_mean", "running_var", "num_batches_tracked"))]
+    assert all(torch.equal(a[k], b[k]) for k in others)  # training itself uses batch statistics: same weights
+    assert any(not torch.allclose(a[k], b[k]) for k in stats)
+    # the saved statistics are the plain average over the training images
+    model, meta = model_from_checkpoint(load_checkpoint(precise.last_checkpoint))
+    from covidscan.data import read_split
+    from covidscan.data.dataset import ImageStore
+
+    train_part = read_split(tmp_path / "precise" / "split.csv").subset("train")
+    store = ImageStore(train_part.records, meta.preprocess)
+    batchnorm_statistics(model, store.images, meta.preprocess, batch_size=64)
+    again = model.state_dict()
+    def worst(x):  # largest relative difference to the saved statistics
+        return max(((x[k] - b[k]).abs() / (b[k].abs() + 1e-3)).max().item() for k in stats)
+
+    assert worst(again) < 1e-2 < 0.1 < worst(a), (worst(again), worst(a))  # float noise vs a real difference

@@ -84,6 +84,7 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast on CPU (off: 9x slower on CPUs without native bf16, measured)
     channels_last: bool = True  # NHWC memory format (CPU and CUDA)
     max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
+    precise_bn: int = 0  # after each epoch, re-estimate BatchNorm statistics on this many training images (0 = off)
     feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
 
 

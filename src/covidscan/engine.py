@@ -40,6 +40,7 @@ from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
 from torch.utils.data.distributed import DistributedSampler
 from tqdm.auto import tqdm
 
+from covidscan.adapt import batchnorm_statistics
 from covidscan.appearance import appearance_reference
 from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
 from covidscan.config import Config, config_diff, config_from_dict, save_config
@@ -257,6 +258,14 @@ def validate(net, loader, *, pre, device, autocast) -> dict:
     """``{"val_loss", "val_acc"}`` over the whole validation set."""
     probs, ys, _, val_loss = predict_loader(net, loader, device, autocast, pre)
     return {"val_loss": val_loss, "val_acc": float((probs.argmax(1) == ys).mean()) if len(ys) else 0.0}
+
+
+def precise_bn(model, data: TrainData, n: int, seed: int) -> None:
+    """Re-estimate BatchNorm statistics on ``n`` training images (unaugmented, a seeded draw), so the
+    epoch is validated and saved with the statistics of the data, not an average lagging behind."""
+    rows = torch.tensor(data.train.indices)
+    pick = rows[torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))[:n]]
+    batchnorm_statistics(model, data.store.images[pick.sort().values], data.pre, batch_size=64)
 
 
 # --- checkpoints ----------------------------------------------------------------------------
@@ -495,6 +504,8 @@ def run_epoch(
     )  # fmt: skip
     if bar is not None:
         bar.close()
+    if cfg.train.precise_bn and not cfg.model.freeze_backbone:
+        precise_bn(model, data, cfg.train.precise_bn, seed)
     train_secs = time.perf_counter() - t0
     stop = torch.zeros(1)
     if run.is_main:

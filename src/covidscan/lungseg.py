@@ -303,6 +303,7 @@ def train_lungs(data, out, *, epochs: int = 40, seed: int = 0, progress: bool = 
     """``covidscan lungs``: train on ``data`` (a manifest with masks), write ``out/lungseg_unet128.pt``
     and ``out/lungseg.json`` (held-out Dice, per-image Dice, data hash, seconds, the command)."""
     out = Path(out)
+    data_text = " ".join(str(d) for d in ([data] if isinstance(data, (str, Path)) else data))
     images, masks, names = load_pairs(data)
     res = train_segmenter(images, masks, epochs=epochs, seed=seed, names=names, progress=progress)
     info = {
@@ -314,9 +315,9 @@ def train_lungs(data, out, *, epochs: int = 40, seed: int = 0, progress: bool = 
         "seed": seed,
         "seconds": res.seconds,
         "size": SIZE,
-        "data": str(data),
+        "data": data_text,
         "data_sha256": data_hash(images, masks),
-        "command": f"covidscan lungs --data {data} --out {out} --epochs {epochs} --seed {seed}",
+        "command": f"covidscan lungs --data {data_text} --out {out} --epochs {epochs} --seed {seed}",
         "heldout": dict(zip(res.val_names, res.dice_per_image)),
     }
     save_segmenter(res.model, out / SHIPPED, info)
