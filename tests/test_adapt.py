@@ -150,6 +150,7 @@ def test_precise_bn_changes_statistics_only_and_is_the_data_average(tmp_path):
     store = ImageStore(train_part.records, meta.preprocess)
     batchnorm_statistics(model, store.images, meta.preprocess, batch_size=64)
     again = model.state_dict()
+
     def worst(x):  # largest relative difference to the saved statistics
         return max(((x[k] - b[k]).abs() / (b[k].abs() + 1e-3)).max().item() for k in stats)
 

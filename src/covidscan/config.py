@@ -85,6 +85,7 @@ class TrainConfig:
     channels_last: bool = True  # NHWC memory format (CPU and CUDA)
     max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
     precise_bn: int = 0  # after each epoch, re-estimate BatchNorm statistics on this many training images (0 = off)
+    device_data: bool = False  # keep the decoded uint8 images on the training device, augment whole batches there
     feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
 
 

@@ -46,7 +46,7 @@ from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoi
 from covidscan.config import Config, config_diff, config_from_dict, save_config
 from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
 from covidscan.data.dataset import FeatureDataset, ImageStore, ScanDataset, balanced_weights, default_cache_dir
-from covidscan.data.transforms import Preprocess, build_augment, model_input
+from covidscan.data.transforms import Preprocess, batch_augment, build_augment, model_input
 from covidscan.errors import ConfigError, DataError
 from covidscan.evaluation import predict_loader
 from covidscan.models import build_model
@@ -147,6 +147,8 @@ class TrainData:
     train: ScanDataset | FeatureDataset
     val: ScanDataset | FeatureDataset
     train_records: list  # Record of each training item, in train.indices order (for the balanced sampler)
+    device_images: torch.Tensor | None = None  # train.device_data: the store's images on the device
+    device_labels: torch.Tensor | None = None
 
 
 def _cache_dir(cfg: Config) -> Path | None:
@@ -208,6 +210,46 @@ def num_workers(cfg: Config, device: torch.device) -> int:
     if cfg.data.num_workers >= 0:
         return cfg.data.num_workers
     return min(8, os.cpu_count() or 1) if device.type == "cuda" else 0
+
+
+class DeviceBatches:
+    """Training batches drawn from images already on the training device and augmented there as a
+    batch (``train.device_data``): no per-image CPU work and no host-to-device copy per step.
+
+    ``order``: this epoch's dataset positions (from the same samplers as the DataLoader path).
+    Items are dicts like :class:`ScanDataset`'s: ``image`` (``N x 1 x S x S`` uint8), ``label``, ``index``.
+    """
+
+    def __init__(self, images, labels, ds: ScanDataset, order: list[int], batch_size: int, drop_last: bool, aug, gen):
+        self.images, self.labels = images, labels
+        self.rows = torch.as_tensor(ds.indices, device=images.device)[torch.as_tensor(order, device=images.device)]
+        self.batch_size, self.aug, self.gen = batch_size, aug, gen
+        n = len(order)
+        self.n_batches = n // batch_size if drop_last else -(-n // batch_size)
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self):
+        for b in range(self.n_batches):
+            rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
+            x = self.images[rows]
+            if self.aug is not None:
+                x = batch_augment(x, self.aug, self.gen)
+            yield {"image": x, "label": self.labels[rows], "index": rows}
+
+
+def device_loader(cfg: Config, data: TrainData, sampler, device, seed: int) -> DeviceBatches:
+    """The ``train.device_data`` counterpart of the training DataLoader (images moved once, then reused)."""
+    if data.device_images is None:
+        data.device_images = data.store.images.to(device)
+        data.device_labels = torch.as_tensor(data.train.targets, device=device)
+    gen = torch.Generator(device=device).manual_seed(seed)
+    aug = cfg.augment if cfg.augment.enabled else None
+    return DeviceBatches(
+        data.device_images, data.device_labels, data.train, list(sampler), cfg.train.batch_size,
+        len(data.train) > cfg.train.batch_size, aug, gen,
+    )  # fmt: skip
 
 
 # --- one epoch, validation --------------------------------------------------------------------
@@ -481,14 +523,18 @@ def run_epoch(
     torch.manual_seed(seed)  # inside train()'s fork_rng: augmentation and dropout of this epoch
     gen = torch.Generator().manual_seed(seed)
     loader_kw = dict(num_workers=fit.workers, pin_memory=device.type == "cuda")
-    loader = DataLoader(
-        data.train,
-        batch_size=cfg.train.batch_size,
-        sampler=train_sampler(cfg, data, epoch, run, gen),
-        drop_last=len(data.train) > cfg.train.batch_size,
-        generator=gen,
-        **loader_kw,
-    )
+    sampler = train_sampler(cfg, data, epoch, run, gen)
+    if cfg.train.device_data and not fit.fast:
+        loader = device_loader(cfg, data, sampler, device, seed)
+    else:
+        loader = DataLoader(
+            data.train,
+            batch_size=cfg.train.batch_size,
+            sampler=sampler,
+            drop_last=len(data.train) > cfg.train.batch_size,
+            generator=gen,
+            **loader_kw,
+        )
     autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
     fit.net.train()
     if cfg.model.freeze_backbone:
@@ -513,6 +559,8 @@ def run_epoch(
         row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
         row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
         row.update(train_images_per_s=done["seen"] / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
+        if device.type == "cuda":
+            row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         logger.info(
             "epoch %d/%d  train loss %.4f acc %.3f  val loss %.4f acc %.3f  (%.0fs)",
             epoch, cfg.train.epochs, row["train_loss"], row["train_acc"], row["val_loss"], row["val_acc"], row["seconds"],

@@ -115,12 +115,19 @@ def reproduce(
                     "ece": ev.ece,
                     "n_test": m["n"],
                     "train_seconds": train_s,
+                    "epoch_seconds": [h["seconds"] for h in result.history],
+                    "images_per_s": max((h["train_images_per_s"] for h in result.history), default=float("nan")),
+                    "peak_gpu_mib": max((h.get("peak_gpu_mib", float("nan")) for h in result.history), default=float("nan")),
                     "report": str(run_dir / "eval" / "report.md"),
                 }
             )
             write_json({"task": task, "rows": rows}, out / "results.json")
     (out / "table.md").write_text(table_markdown(task, rows), encoding="utf-8")
     return {"task": task, "rows": rows}
+
+
+def _mean(values) -> float:
+    return sum(values) / len(values) if values else float("nan")
 
 
 def _p(v, ci=None) -> str:
@@ -137,8 +144,8 @@ def table_markdown(task: str, rows: list[dict]) -> str:
         "and leaks patients between train and test; the grouped split does not.",
         "",
         "| model | protocol | weights | epochs (best/run/planned) | accuracy % [95% CI] | paper % | macro AUROC % | "
-        "COVID sensitivity % | COVID specificity % | ECE |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "COVID sensitivity % | COVID specificity % | ECE | train s | s / epoch | images/s | peak GPU MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         w = r["weights_source"] + (f" — {r['note']}" if r["note"] else "")
@@ -147,7 +154,8 @@ def table_markdown(task: str, rows: list[dict]) -> str:
             f"{r['best_epoch']}/{r['epochs_run']}/{r['epochs_planned']} | {_p(r['accuracy'], r['accuracy_ci'])} | "
             f"{r['paper_accuracy'] * 100:.2f} | {_p(r['macro_auroc'], r['macro_auroc_ci'])} | "
             f"{_p(r['covid_sensitivity'], r['covid_sensitivity_ci'])} | {_p(r['covid_specificity'], r['covid_specificity_ci'])} | "
-            f"{r['ece']:.3f} |"
+            f"{r['ece']:.3f} | {r['train_seconds']:.0f} | {_mean(r.get('epoch_seconds')):.1f} | "
+            f"{r.get('images_per_s', float('nan')):.0f} | {fmt_interval(r.get('peak_gpu_mib'), pct=False, digits=0)} |"
         )
     lines += ["", "Per-class metrics of each run: see its `report.md` (listed in `results.json`)."]
     return "\n".join(lines) + "\n"

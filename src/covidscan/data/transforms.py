@@ -241,3 +241,37 @@ def build_augment(aug, image_size: int) -> v2.Transform | None:
     if getattr(aug, "noise", 0):
         steps.append(RandomNoise(aug.noise))
     return v2.Compose(steps)
+
+
+def batch_augment(x: torch.Tensor, aug, gen: torch.Generator) -> torch.Tensor:
+    """The paper's augmentation on a whole batch on its device, every image with its own draw.
+
+    ``x``: ``N x 1 x S x S`` uint8 (on CPU or GPU). Rotation, zoom, shift and horizontal flip as
+    one affine warp per image (``affine_grid`` / ``grid_sample``, bilinear, zero fill like
+    ``RandomAffine``), then brightness / contrast factors per image. Used by the device-resident
+    data path (``train.device_data``), where per-image CPU transforms would starve a GPU; the
+    draws come from ``gen`` (a generator on ``x``'s device), not from torch's global one.
+    """
+    n, dev = x.shape[0], x.device
+
+    def u(lo: float, hi: float) -> torch.Tensor:
+        return torch.rand(n, device=dev, generator=gen) * (hi - lo) + lo
+
+    angle = u(-aug.rotation, aug.rotation) * (np.pi / 180)
+    scale = u(1 - aug.zoom, 1 + aug.zoom) if aug.zoom > 0 else torch.ones(n, device=dev)
+    tx, ty = (u(-aug.shift, aug.shift) * 2, u(-aug.shift, aug.shift) * 2) if aug.shift > 0 else (torch.zeros(n, device=dev),) * 2
+    flip = torch.where(torch.rand(n, device=dev, generator=gen) < aug.hflip, -1.0, 1.0)
+    # output -> input coordinates (normalised [-1, 1]): inverse of flip, then scale + rotate, then shift
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    row0 = torch.stack([flip * cos, flip * sin, -flip * (cos * tx + sin * ty)], 1)
+    row1 = torch.stack([-sin, cos, sin * tx - cos * ty], 1)
+    theta = torch.stack([row0, row1], 1)  # N x 2 x 3
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=False)
+    out = torch.nn.functional.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+    b, c = getattr(aug, "brightness", 0.0), getattr(aug, "contrast", 0.0)
+    if b:
+        out = out * u(1 - b, 1 + b).view(n, 1, 1, 1)
+    if c:
+        mean = out.mean(dim=(1, 2, 3), keepdim=True)
+        out = (out - mean) * u(1 - c, 1 + c).view(n, 1, 1, 1) + mean
+    return out.clamp(0, 255).round().to(torch.uint8)
