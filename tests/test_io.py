@@ -120,3 +120,9 @@ def test_read_bytes_sniffs_content(tmp_path, gradient):
     assert read_bytes((tmp_path / "a.png").read_bytes(), "scan.dcm").format == "PNG"
     with pytest.raises(ImageReadError, match="upload.png"):
         read_bytes(b"hello world" * 10, "upload.png")
+
+
+def test_upload_errors_name_the_upload_not_python_objects():
+    with pytest.raises(ImageReadError) as exc:
+        read_bytes(b"plain text, not an image" * 4, name="scan.png")
+    assert "scan.png" in str(exc.value) and "BytesIO" not in str(exc.value) and "0x" not in str(exc.value)

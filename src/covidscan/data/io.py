@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +106,9 @@ def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
     except ImageReadError:
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
-        raise ImageReadError(name, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        # Pillow names the in-memory buffer (<_io.BytesIO object at 0x...>): say "the upload" instead
+        cause = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(exc))
+        raise ImageReadError(name, f"not a readable image ({type(exc).__name__}: {cause})") from exc
 
 
 def _read_pillow(src, name: str | None = None) -> ScanImage:
