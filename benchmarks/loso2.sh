@@ -8,7 +8,9 @@ out=${1:-runs/exp}
 X="../shared/data/xray ../shared/data/xray-extra ../shared/data/xray-lungs"
 F="hannover+nih covid-cxnet+openist"
 covidscan loso --config configs/xray_generalise.yaml --data $X --sources $F --out "$out/frozen" --quiet --resume
-covidscan loso --config configs/xray_generalise_finetune.yaml --data $X --sources $F --out "$out/ft_strong" --quiet --resume
-covidscan loso --config configs/xray_recommended.yaml --data $X --sources $F --out "$out/rec" --quiet --resume
+covidscan loso --config configs/xray_generalise_finetune.yaml --data $X --sources $F --out "$out/ft_pbn" --quiet --resume
+covidscan loso --config configs/xray_generalise_finetune.yaml --set train.precise_bn=0 --data $X --sources $F --out "$out/ft_strong" --quiet --resume
+covidscan loso --config configs/xray_recommended.yaml --data $X --sources $F --set train.precise_bn=0 --out "$out/rec" --quiet --resume
 python benchmarks/site_adaptation.py "$out/frozen"
-python benchmarks/site_adaptation.py "$out/ft_strong"
+python benchmarks/site_adaptation.py "$out/ft_pbn"
+python benchmarks/loso_ensemble.py "$out/frozen" "$out/ft_pbn"

@@ -41,48 +41,41 @@ def _metrics_section(m: EvaluationResult) -> list[str]:
     return lines
 
 
-def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = None) -> str:
-    meta: CheckpointMeta = load_checkpoint(checkpoint)["meta"]
-    names = meta.class_names
-    cfg = meta.config
-    train_cfg = cfg.get("train", {})
-    scans = "single frontal chest X-rays" if meta.task == "xray" else "single axial chest CT slices"
+def _model_section(meta: CheckpointMeta) -> list[str]:
+    train_cfg = meta.config.get("train", {})
     pre = meta.preprocess
     versions = ", ".join(f"{k} {v}" for k, v in meta.versions.items())
-    lines = [
-        f"# Model card: {meta.backbone} + {meta.head} head, {meta.task} ({', '.join(names)})",
-        "",
-        "> **Not for clinical use.** Research use only; covidscan is not a medical device. Do not use this model "
-        "for diagnosis, triage or any decision about a patient.",
-        "",
-        "## Intended use",
-        f"Research on COVID-19 detection from {scans}: benchmarking, studying shortcut learning, teaching. "
-        "Not for screening or diagnosis of patients.",
-        "",
-        "## Model",
+    text = (
         f"A `{meta.backbone}` backbone with a `{meta.head}` head, initialised from {meta.weights_source}. "
         f"Input: {pre.image_size} px square, grayscale copied to 3 channels, normalised with mean {list(pre.mean)} and "
         f"std {list(pre.std)}"
         + (", histogram-equalised" if pre.equalize else "")
         + (f", {pre.crop:.0%} border crop" if pre.crop else "")
         + (", cropped to the lung fields" if pre.lung_crop else "")
+        + (f", learned lung mask option {pre.lungs!r}" if pre.lungs != "none" else "")
         + f". Trained with Adam (learning rate {train_cfg.get('lr')}) for up to {train_cfg.get('epochs')} epochs; "
-        f"the checkpoint is epoch {meta.epoch}, chosen on validation {train_cfg.get('monitor')}. Library versions: {versions}.",
-    ]
+        f"the checkpoint is epoch {meta.epoch}, chosen on validation {train_cfg.get('monitor')}. Library versions: {versions}."
+    )
+    if meta.members:
+        text = (
+            f"An ensemble: the mean of {len(meta.members)} models' probabilities ("
+            + ", ".join(f"{m['backbone']}/{m['head']} from {m['checkpoint']}" for m in meta.members)
+            + f"). Shared input: {pre.image_size} px, normalised with mean {list(pre.mean)} and std {list(pre.std)}."
+        )
+    lines = ["## Model", text]
     if meta.threshold:
         t = meta.threshold
-        lines += [
-            "",
-            f"Operating threshold: {t['class']} is reported positive at probability >= {t['value']:.3f}"
-            + (
-                f" (chosen for sensitivity {t['target_sensitivity']:.0%} on {t.get('data', 'local data')})"
-                if "target_sensitivity" in t
-                else ""
-            )
-            + ".",
-        ]
-    lines += [
-        "",
+        target = (
+            f" (chosen for sensitivity {t['target_sensitivity']:.0%} on {t.get('data', 'local data')})"
+            if "target_sensitivity" in t
+            else ""
+        )
+        lines += ["", f"Operating threshold: {t['class']} is reported positive at probability >= {t['value']:.3f}{target}."]
+    return lines
+
+
+def _data_section(meta: CheckpointMeta) -> list[str]:
+    lines = [
         "## Training data",
         f"From {', '.join(meta.data_origins) or 'unknown'} (data fingerprint `{meta.data_fingerprint[:16]}`), split "
         f"{meta.split_protocol} with grouping by {meta.grouping}. Images per split:",
@@ -100,6 +93,27 @@ def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = 
                 f"**Caveat:** class(es) {', '.join(single)} come from a single source each: the model can "
                 "separate classes by source (hospital, age, markers, resolution) without learning disease.",
             ]
+    return lines
+
+
+def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = None) -> str:
+    meta: CheckpointMeta = load_checkpoint(checkpoint)["meta"]
+    names = meta.class_names
+    scans = "single frontal chest X-rays" if meta.task == "xray" else "single axial chest CT slices"
+    lines = [
+        f"# Model card: {meta.backbone} + {meta.head} head, {meta.task} ({', '.join(names)})",
+        "",
+        "> **Not for clinical use.** Research use only; covidscan is not a medical device. Do not use this model "
+        "for diagnosis, triage or any decision about a patient.",
+        "",
+        "## Intended use",
+        f"Research on COVID-19 detection from {scans}: benchmarking, studying shortcut learning, teaching. "
+        "Not for screening or diagnosis of patients.",
+        "",
+        *_model_section(meta),
+        "",
+        *_data_section(meta),
+    ]
     lines += ["", "## Metrics"]
     if metrics and Path(metrics).is_file():
         lines += _metrics_section(EvaluationResult.read(metrics))

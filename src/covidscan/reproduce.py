@@ -66,64 +66,68 @@ def reproduce(
                 cfg = replace_cfg(cfg, train={"epochs": epochs})
             if early_stopping is not None:
                 cfg = replace_cfg(cfg, train={"early_stopping": early_stopping})
-            note = ""
             run_dir = out / protocol / name
             logger.info("reproduce: %s / %s / %s -> %s", task, protocol, name, run_dir)
             t0 = time.perf_counter()
-            torch.manual_seed(cfg.train.seed)
-            try:
-                result = train(cfg, data, run_dir, progress=progress, overwrite=True)
-            except WeightsUnavailableError:  # raised while building the model, before any training
-                if cfg.model.weights != "imagenet":
-                    raise
-                cfg = replace_cfg(cfg, model={"weights": "none"})
-                note = "trained from scratch: no ImageNet weights available offline"
-                torch.manual_seed(cfg.train.seed)
-                result = train(cfg, data, run_dir, progress=progress, overwrite=True)
+            cfg, result, note = _train_with_fallback(cfg, data, run_dir, progress)
             train_s = time.perf_counter() - t0
             ev = evaluate(
-                result.best_checkpoint,
-                split_file=run_dir / "split.csv",
-                subset="test",
-                out=run_dir / "eval",
-                grid=grid,
-                n_boot=n_boot,
+                result.best_checkpoint, split_file=run_dir / "split.csv", out=run_dir / "eval", grid=grid, n_boot=n_boot
             )
-            m, ci = ev.metrics, ev.ci95
-            covid = ev.class_names.index("covid")
             rows.append(
-                {
-                    "model": name,
-                    "backbone": cfg.model.backbone,
-                    "head": cfg.model.head,
-                    "protocol": protocol,
-                    "split_type": ev.split_type if protocol == "grouped" else "image-level (paper)",
-                    "weights_source": result.weights_source,
-                    "note": note,
-                    "epochs_run": len(result.history),
-                    "epochs_planned": cfg.train.epochs,
-                    "best_epoch": result.best_epoch,
-                    "accuracy": m["accuracy"],
-                    "accuracy_ci": ci.get("accuracy"),
-                    "paper_accuracy": PAPER_ACCURACY[task][name] / 100,
-                    "macro_auroc": m["macro"]["auroc"],
-                    "macro_auroc_ci": ci.get("macro_auroc"),
-                    "covid_sensitivity": m["per_class"]["sensitivity"][covid],
-                    "covid_sensitivity_ci": ci.get(f"sensitivity/{covid}"),
-                    "covid_specificity": m["per_class"]["specificity"][covid],
-                    "covid_specificity_ci": ci.get(f"specificity/{covid}"),
-                    "ece": ev.ece,
-                    "n_test": m["n"],
-                    "train_seconds": train_s,
-                    "epoch_seconds": [h["seconds"] for h in result.history],
-                    "images_per_s": max((h["train_images_per_s"] for h in result.history), default=float("nan")),
-                    "peak_gpu_mib": max((h.get("peak_gpu_mib", float("nan")) for h in result.history), default=float("nan")),
-                    "report": str(run_dir / "eval" / "report.md"),
-                }
+                {**_row(task, name, protocol, cfg, result, ev, note, train_s), "report": str(run_dir / "eval" / "report.md")}
             )
             write_json({"task": task, "rows": rows}, out / "results.json")
     (out / "table.md").write_text(table_markdown(task, rows), encoding="utf-8")
     return {"task": task, "rows": rows}
+
+
+def _train_with_fallback(cfg: Config, data, run_dir: Path, progress: bool):
+    """Train; where ImageNet weights cannot be had (DenseNet offline), train from scratch and say so."""
+    torch.manual_seed(cfg.train.seed)
+    try:
+        return cfg, train(cfg, data, run_dir, progress=progress, overwrite=True), ""
+    except WeightsUnavailableError:  # raised while building the model, before any training
+        if cfg.model.weights != "imagenet":
+            raise
+    cfg = replace_cfg(cfg, model={"weights": "none"})
+    torch.manual_seed(cfg.train.seed)
+    result = train(cfg, data, run_dir, progress=progress, overwrite=True)
+    return cfg, result, "trained from scratch: no ImageNet weights available offline"
+
+
+def _row(task: str, name: str, protocol: str, cfg: Config, result, ev, note: str, train_s: float) -> dict:
+    """One line of Table III / IV: accuracy and COVID metrics with intervals, timing of the run."""
+    m, ci = ev.metrics, ev.ci95
+    covid = ev.class_names.index("covid")
+    hist = result.history
+    return {
+        "model": name,
+        "backbone": cfg.model.backbone,
+        "head": cfg.model.head,
+        "protocol": protocol,
+        "split_type": ev.split_type if protocol == "grouped" else "image-level (paper)",
+        "weights_source": result.weights_source,
+        "note": note,
+        "epochs_run": len(hist),
+        "epochs_planned": cfg.train.epochs,
+        "best_epoch": result.best_epoch,
+        "accuracy": m["accuracy"],
+        "accuracy_ci": ci.get("accuracy"),
+        "paper_accuracy": PAPER_ACCURACY[task][name] / 100,
+        "macro_auroc": m["macro"]["auroc"],
+        "macro_auroc_ci": ci.get("macro_auroc"),
+        "covid_sensitivity": m["per_class"]["sensitivity"][covid],
+        "covid_sensitivity_ci": ci.get(f"sensitivity/{covid}"),
+        "covid_specificity": m["per_class"]["specificity"][covid],
+        "covid_specificity_ci": ci.get(f"specificity/{covid}"),
+        "ece": ev.ece,
+        "n_test": m["n"],
+        "train_seconds": train_s,
+        "epoch_seconds": [h["seconds"] for h in hist],
+        "images_per_s": max((h["train_images_per_s"] for h in hist), default=float("nan")),
+        "peak_gpu_mib": max((h.get("peak_gpu_mib", float("nan")) for h in hist), default=float("nan")),
+    }
 
 
 def _mean(values) -> float:
