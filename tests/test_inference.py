@@ -190,3 +190,19 @@ def test_export_cli(trained_run, tmp_path, capsys):
 
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "m.onnx")).metadata_props}
     assert json.loads(props["covidscan_class_names"]) == ["covid", "pneumonia", "normal"]
+
+
+def test_heat_map_of_a_large_scan_is_bounded(predictor, client):
+    from covidscan.data.io import ScanImage
+    from covidscan.explain import DISPLAY_MAX, overlay
+
+    big = ScanImage(np.tile(chest_like(300, 2), (10, 7)).astype(np.float32), "PNG", "L", "big.png")  # 3000 x 2100
+    cam, _ = predictor.explain(big)
+    assert max(cam.shape) == DISPLAY_MAX and cam.shape == (1024, 717)
+    assert overlay(big.pixels, cam).shape == (1024, 717, 3)
+    import io
+
+    buf = io.BytesIO()
+    Image.new("1", (6000, 6000)).save(buf, format="PNG")
+    r = client.post("/predict?heatmap=true", files={"file": ("bomb.png", buf.getvalue(), "image/png")})
+    assert r.status_code == 415 and "too large" in r.json()["detail"]

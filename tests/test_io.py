@@ -126,3 +126,53 @@ def test_upload_errors_name_the_upload_not_python_objects():
     with pytest.raises(ImageReadError) as exc:
         read_bytes(b"plain text, not an image" * 4, name="scan.png")
     assert "scan.png" in str(exc.value) and "BytesIO" not in str(exc.value) and "0x" not in str(exc.value)
+
+
+def _png_bytes(img) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_pixel_limit_checked_from_the_header_for_every_format(tmp_path, monkeypatch):
+    bomb = _png_bytes(Image.new("1", (6000, 6000)))  # a few KB that would decode to 36 megapixels
+    assert len(bomb) < 100_000
+    with pytest.raises(ImageReadError, match="too large: 6000 x 6000"):
+        read_bytes(bomb, name="bomb.png")
+    with pytest.raises(ImageReadError, match="too large"):
+        read_bytes(_png_bytes(Image.new("L", (9000, 9000))), name="big.png")
+    # DICOM: rows x columns from the header, refused before the pixel data are decoded
+    path = write_dicom(tmp_path / "d.dcm", np.zeros((8, 8), np.uint16))
+    import pydicom
+
+    ds = pydicom.dcmread(path)
+    ds.Rows, ds.Columns = 10000, 10000
+    ds.save_as(tmp_path / "huge.dcm")
+    with pytest.raises(ImageReadError, match="too large: 10000 x 10000"):
+        read_image(tmp_path / "huge.dcm")
+    monkeypatch.setenv("COVIDSCAN_MAX_PIXELS", "40000000")
+    assert read_bytes(bomb, name="bomb.png").width == 6000  # the limit is configurable
+
+
+@pytest.mark.parametrize("fmt", ["GIF", "BMP", "WEBP", "ICO", "PCX"])
+def test_only_png_jpeg_tiff_and_dicom_are_decoded(fmt):
+    import io
+
+    buf = io.BytesIO()
+    Image.new("L", (32, 32), 100).save(buf, format=fmt)
+    with pytest.raises(ImageReadError, match="not a readable image: PNG, JPEG, TIFF or DICOM expected"):
+        read_bytes(buf.getvalue(), name=f"x.{fmt.lower()}")
+
+
+def test_eps_is_never_handed_to_ghostscript(monkeypatch):
+    import subprocess
+
+    def refuse(*a, **k):
+        raise AssertionError("a subprocess was started")
+
+    monkeypatch.setattr(subprocess, "Popen", refuse)
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 10 10\nshowpage\n"
+    with pytest.raises(ImageReadError, match="not a readable"):
+        read_bytes(eps, name="x.eps")

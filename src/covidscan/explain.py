@@ -57,9 +57,21 @@ def grad_cam(
     return cam.clamp(0, 1).cpu().numpy().astype(np.float32), k
 
 
+DISPLAY_MAX = 1024  # longest side of heat maps and overlays, whatever the scan's size (bounded memory)
+
+
+def display_size(height: int, width: int, max_side: int = DISPLAY_MAX) -> tuple[int, int]:
+    """``(h, w)`` with the scan's aspect ratio and the longer side at most ``max_side``."""
+    scale = min(1.0, max_side / max(height, width))
+    return max(1, round(height * scale)), max(1, round(width * scale))
+
+
 def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray:
-    """RGB uint8 ``H x W x 3``: the scan in gray with the heat map (jet) blended on top."""
+    """RGB uint8 at the heat map's size: the scan in gray (resized to ``cam``'s shape) with the map (jet) on top."""
     g = gray if gray.ndim == 2 else gray.mean(2)
+    if g.shape != cam.shape:
+        t = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None, None]
+        g = F.interpolate(t, size=cam.shape, mode="bilinear", antialias=True, align_corners=False)[0, 0].numpy()
     base = np.repeat(g[..., None], 3, axis=2)
     heat = matplotlib.colormaps["jet"](cam)[..., :3]
     return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)

@@ -25,7 +25,7 @@ from covidscan.appearance import appearance_correlation
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data.io import ScanImage, read_bytes, read_image
 from covidscan.data.transforms import to_gray_uint8, to_input
-from covidscan.explain import grad_cam
+from covidscan.explain import display_size, grad_cam
 from covidscan.runtime import resolve_device
 
 
@@ -119,12 +119,17 @@ class Predictor:
         return self.predict_scan(read_bytes(data, name), name)
 
     def explain(self, scan: ScanImage, class_name: str | None = None) -> tuple[np.ndarray, str]:
-        """Grad-CAM map (``H x W`` of the scan, in [0, 1]) for ``class_name`` (default: predicted)."""
+        """Grad-CAM map in [0, 1] for ``class_name`` (default: predicted), at the scan's aspect ratio with
+        the longer side at most :data:`covidscan.explain.DISPLAY_MAX` (the scan's own size when smaller),
+        so a huge upload cannot make a huge map."""
         x = self.tensor(scan).to(self.device)
         if class_name is not None and class_name not in self.class_names:
             raise ValueError(f"unknown class {class_name!r}; choose one of {', '.join(self.class_names)}")
         with self._lock:
             cam, k = grad_cam(
-                self.model, x, None if class_name is None else self.class_names.index(class_name), size=(scan.height, scan.width)
+                self.model,
+                x,
+                None if class_name is None else self.class_names.index(class_name),
+                size=display_size(scan.height, scan.width),
             )
         return cam, self.class_names[k]

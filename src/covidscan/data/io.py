@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 import re
 import warnings
 from dataclasses import dataclass
@@ -36,7 +37,32 @@ from covidscan.errors import ImageReadError
 logger = logging.getLogger(__name__)
 
 DICOM_SUFFIXES = {".dcm", ".dicom", ".dic"}
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"} | DICOM_SUFFIXES
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff"} | DICOM_SUFFIXES
+#: the only formats Pillow may open (its other plugins, GIF, BMP, EPS through Ghostscript ..., are never tried);
+#: TIFF because 16-bit radiographs are often exported as TIFF
+PILLOW_FORMATS = ("PNG", "JPEG", "TIFF")
+#: largest image accepted, checked from the header before any pixel is decoded (rows x columns x frames);
+#: 25 megapixels holds a 4,300 x 4,300 detector film or 16 frames of 1,250 x 1,250. ``COVIDSCAN_MAX_PIXELS`` changes it.
+DEFAULT_MAX_PIXELS = 25_000_000
+
+
+def max_pixels() -> int:
+    """The pixel limit in force: ``$COVIDSCAN_MAX_PIXELS`` when set (a positive integer), else the default."""
+    value = os.environ.get("COVIDSCAN_MAX_PIXELS", "")
+    return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_PIXELS
+
+
+def check_size(label, width: int, height: int, frames: int = 1) -> None:
+    n = int(width) * int(height) * max(1, int(frames))
+    if width <= 0 or height <= 0:
+        raise ImageReadError(label, f"image has no pixels ({width} x {height})")
+    if n > max_pixels():
+        raise ImageReadError(
+            label,
+            f"image too large: {width} x {height}"
+            + (f" x {frames} frames" if frames > 1 else "")
+            + f" = {n:,} pixels, over the {max_pixels():,} limit (COVIDSCAN_MAX_PIXELS)",
+        )
 
 
 @dataclass(frozen=True)
@@ -89,7 +115,9 @@ def read_image(path: str | Path) -> ScanImage:
     except (ImageReadError, FileNotFoundError, Image.DecompressionBombError):
         raise
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
-        raise ImageReadError(path, f"not a readable image ({type(exc).__name__}: {exc})") from exc
+        raise ImageReadError(
+            path, f"not a readable image: PNG, JPEG, TIFF or DICOM expected ({type(exc).__name__}: {exc})"
+        ) from exc
 
 
 def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
@@ -108,7 +136,9 @@ def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError, TypeError) as exc:
         # Pillow names the in-memory buffer (<_io.BytesIO object at 0x...>): say "the upload" instead
         cause = re.sub(r"<_io\.BytesIO object at 0x[0-9a-fA-F]+>", "the upload", str(exc))
-        raise ImageReadError(name, f"not a readable image ({type(exc).__name__}: {cause})") from exc
+        raise ImageReadError(
+            name, f"not a readable image: PNG, JPEG, TIFF or DICOM expected ({type(exc).__name__}: {cause})"
+        ) from exc
 
 
 def _read_pillow(src, name: str | None = None) -> ScanImage:
@@ -117,7 +147,8 @@ def _read_pillow(src, name: str | None = None) -> ScanImage:
         # A DecompressionBombWarning (between 1x and 2x the limit) becomes an error too.
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(src) as im:
+            with Image.open(src, formats=PILLOW_FORMATS) as im:
+                check_size(label, im.width, im.height, getattr(im, "n_frames", 1))  # header only: nothing decoded yet
                 im.load()  # forces a full decode: truncated files fail here
                 fmt = im.format or "unknown"
                 mode = im.mode
@@ -181,6 +212,7 @@ def _read_dicom(src, name: str | None = None) -> ScanImage:
         raise ImageReadError(label, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
         raise ImageReadError(label, "DICOM file has no pixel data")
+    check_size(label, int(getattr(ds, "Columns", 0)), int(getattr(ds, "Rows", 0)), int(getattr(ds, "NumberOfFrames", 1) or 1))
     try:
         arr = ds.pixel_array
     except Exception as exc:

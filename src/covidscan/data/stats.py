@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from covidscan.data.io import ImageReadError, read_image
+from covidscan.data.io import PILLOW_FORMATS, ImageReadError, check_size, read_image
 from covidscan.data.manifest import DatasetIndex, Record
 
 logger = logging.getLogger(__name__)
@@ -56,7 +56,8 @@ def _summary(values: list[int]) -> dict[str, float]:
 def _probe(record: Record) -> tuple[int, int, str, str]:
     """Width, height, format, mode; decodes fully so that truncated files are caught."""
     try:
-        with Image.open(record.path) as im:
+        with Image.open(record.path, formats=PILLOW_FORMATS) as im:
+            check_size(record.path, im.width, im.height, getattr(im, "n_frames", 1))
             im.load()
             return im.width, im.height, im.format or "unknown", im.mode
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
