@@ -206,3 +206,55 @@ def test_heat_map_of_a_large_scan_is_bounded(predictor, client):
     Image.new("1", (6000, 6000)).save(buf, format="PNG")
     r = client.post("/predict?heatmap=true", files={"file": ("bomb.png", buf.getvalue(), "image/png")})
     assert r.status_code == 415 and "too large" in r.json()["detail"]
+
+
+def test_body_limit_is_enforced_while_reading(predictor):
+    import asyncio
+
+    from covidscan.serve.app import BodyLimit
+
+    received = []
+
+    async def app(scope, receive, send):  # reads the whole body, like a form parser spooling it
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                break
+            received.append(len(msg.get("body", b"")))
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(headers, chunks):
+        sent, queue = [], [{"type": "http.request", "body": c, "more_body": i < len(chunks) - 1} for i, c in enumerate(chunks)]
+
+        async def receive():
+            return queue.pop(0) if queue else {"type": "http.disconnect"}
+
+        async def send(msg):
+            sent.append(msg)
+
+        received.clear()
+        asyncio.run(BodyLimit(app, 1000)({"type": "http", "headers": headers}, receive, send))
+        return [m["status"] for m in sent if m["type"] == "http.response.start"], sum(received)
+
+    assert run([], [b"x" * 300] * 3) == ([200], 900)
+    status, read = run([], [b"x" * 300] * 100)  # chunked, no Content-Length: cut off at the limit
+    assert status == [413] and read <= 1000
+    assert run([(b"content-length", b"30000")], [b"x" * 300] * 100) == ([413], 0)  # never read at all
+
+
+def test_oversize_upload_through_the_app(predictor):
+    from fastapi.testclient import TestClient
+
+    from covidscan.serve import create_app
+
+    client = TestClient(create_app(predictor, max_upload_bytes=100_000))
+
+    def chunks():
+        for _ in range(50):
+            yield b"\0" * 10_000
+
+    r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
+    assert r.status_code == 413

@@ -3,9 +3,10 @@
 Endpoints: ``POST /predict`` (multipart field ``file``: PNG / JPEG / DICOM, sniffed from
 the content, never the name; ``?heatmap=true`` adds a Grad-CAM PNG as base64,
 ``&target=<class>`` picks its class), ``GET /health``, ``GET /`` (an upload page) and the
-OpenAPI schema at ``/openapi.json`` (docs at ``/docs``). Uploads are read into memory up
-to ``max_upload_bytes`` (then 413); nothing is written to disk, so requests share no
-upload folder. The Predictor serialises forward passes with a lock.
+OpenAPI schema at ``/openapi.json`` (docs at ``/docs``). The body limit is enforced while
+the request is read (:class:`BodyLimit`, an ASGI middleware): a declared Content-Length over
+the limit is refused at once, and a chunked body is counted and cut off at the limit, so no
+upload over the limit is spooled to disk. The Predictor serialises forward passes with a lock.
 """
 
 import base64
@@ -16,6 +17,57 @@ from importlib.resources import files
 from covidscan.data.io import ImageReadError, read_bytes
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes
+MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file
+
+
+class BodyLimit:
+    """ASGI middleware: 413 for a request body over ``max_bytes``, decided before it is all read.
+
+    With a Content-Length over the limit the app is never called. Otherwise the body is counted
+    as it arrives; at the limit this middleware answers 413 itself, tells the app the client has
+    gone (``http.disconnect``, so it stops reading and spools nothing more) and drops whatever the
+    app still tries to send.
+    """
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    async def _reject(self, send) -> None:
+        body = b'{"detail":"upload larger than the limit of %d bytes"}' % self.max_bytes
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
+        await send({"type": "http.response.start", "status": 413, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope.get("headers") or []).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.max_bytes:
+            return await self._reject(send)
+        seen, rejected = 0, False
+
+        async def counted_receive():
+            nonlocal seen, rejected
+            if rejected:
+                return {"type": "http.disconnect"}
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    rejected = True
+                    await self._reject(send)
+                    return {"type": "http.disconnect"}
+            return message
+
+        async def guarded_send(message):
+            if not rejected:
+                await send(message)
+
+        await self.app(scope, counted_receive, guarded_send)
 
 
 def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
@@ -28,6 +80,7 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
         version=predictor.meta.versions.get("covidscan", ""),
         description="COVID-19 detection on chest scans. Research use only; not a medical device.",
     )
+    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK)
     page = files("covidscan.serve").joinpath("index.html").read_text(encoding="utf-8")
 
     @app.get("/health")
