@@ -258,3 +258,24 @@ def test_oversize_upload_through_the_app(predictor):
 
     r = client.post("/predict", content=chunks(), headers={"content-type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
+
+
+def test_token_busy_and_host_guards(predictor, trained_run, capsys):
+    from fastapi.testclient import TestClient
+
+    from covidscan.serve import create_app
+
+    client = TestClient(create_app(predictor, token="s3cret"))
+    assert client.get("/health").status_code == 200  # health stays open for monitors
+    assert client.get("/").status_code == 401
+    png = _png_bytes(1)
+    assert client.post("/predict", files={"file": ("s.png", png, "image/png")}).status_code == 401
+    ok = client.post("/predict", files={"file": ("s.png", png, "image/png")}, headers={"Authorization": "Bearer s3cret"})
+    assert ok.status_code == 200 and client.get("/?token=s3cret").status_code == 200
+    busy = TestClient(create_app(predictor, max_pending=0))
+    r = busy.post("/predict", files={"file": ("s.png", png, "image/png")})
+    assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    result, _ = trained_run
+    assert main(["serve", "--checkpoint", str(result.best_checkpoint), "--host", "0.0.0.0"]) == 2
+    assert "set a token" in capsys.readouterr().err
+    assert main(["serve", "--checkpoint", str(result.best_checkpoint), "--max-upload-mb", "-1"]) == 2

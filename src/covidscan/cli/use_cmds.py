@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -124,8 +125,14 @@ def cmd_serve(args) -> int:
 
     if args.max_upload_mb <= 0:
         raise CLIError(f"--max-upload-mb {args.max_upload_mb}: must be a positive number of megabytes")
+    token = args.token or os.environ.get("COVIDSCAN_TOKEN") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not token:
+        raise CLIError(
+            f"--host {args.host} makes the service reachable from other machines: set a token "
+            "(--token TOKEN or COVIDSCAN_TOKEN) so that only holders of it can use it"
+        )
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    app = create_app(predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024)
+    app = create_app(predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pending=args.max_pending, token=token)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
     return 0
 
@@ -234,6 +241,10 @@ def register(sub) -> None:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload in megabytes (positive)")
+    p.add_argument("--max-pending", type=int, default=8, help="predictions running or waiting at once; more get 503")
+    p.add_argument(
+        "--token", help="require this token (Authorization: Bearer TOKEN); needed beyond localhost (or COVIDSCAN_TOKEN)"
+    )
     common.add_device(p)
     p.set_defaults(func=cmd_serve)
 

@@ -10,6 +10,7 @@ upload over the limit is spooled to disk. The Predictor serialises forward passe
 """
 
 import base64
+import hmac
 import html
 import io
 from importlib.resources import files
@@ -70,7 +71,28 @@ class BodyLimit:
         await self.app(scope, counted_receive, guarded_send)
 
 
-def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
+class TokenGuard:
+    """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer <token>`` or ``?token=<token>``."""
+
+    def __init__(self, app, token: str):
+        self.app, self.token = app, token
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope.get("path") != "/health":
+            headers = dict(scope.get("headers") or [])
+            given = headers.get(b"authorization", b"").decode("latin-1").removeprefix("Bearer ").strip()
+            query = dict(p.split("=", 1) for p in scope.get("query_string", b"").decode("latin-1").split("&") if "=" in p)
+            if not (hmac.compare_digest(given, self.token) or hmac.compare_digest(query.get("token", ""), self.token)):
+                body = b'{"detail":"a valid token is needed (Authorization: Bearer TOKEN, or ?token=TOKEN)"}'
+                await send({"type": "http.response.start", "status": 401, "headers": [(b"content-type", b"application/json")]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+
+def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pending: int = 8, token: str | None = None):
+    """The app; ``max_pending`` predictions may wait or run at once (more get 503 with Retry-After),
+    ``token`` (when given) is required on every path but ``/health``."""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
@@ -81,6 +103,9 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
         description="COVID-19 detection on chest scans. Research use only; not a medical device.",
     )
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK)
+    if token:
+        app.add_middleware(TokenGuard, token=token)
+    pending = {"n": 0}  # predictions admitted and not finished (one event loop: no lock needed)
     page = files("covidscan.serve").joinpath("index.html").read_text(encoding="utf-8")
 
     @app.get("/health")
@@ -107,9 +132,15 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD):
         heatmap: bool = Query(False),
         target: str | None = Query(None, description="class for the heat map (default: predicted)"),
     ) -> dict:
-        length = request.headers.get("content-length")
-        if length and length.isdigit() and int(length) > max_upload_bytes + 64 * 1024:
-            raise HTTPException(413, f"upload larger than the {max_upload_bytes} byte limit")
+        if pending["n"] >= max_pending:
+            raise HTTPException(503, f"busy: {max_pending} predictions already running or waiting", headers={"Retry-After": "5"})
+        pending["n"] += 1
+        try:
+            return await _predict(file, heatmap, target)
+        finally:
+            pending["n"] -= 1
+
+    async def _predict(file, heatmap: bool, target: str | None) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than the {max_upload_bytes} byte limit")
