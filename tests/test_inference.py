@@ -279,3 +279,21 @@ def test_token_busy_and_host_guards(predictor, trained_run, capsys):
     assert main(["serve", "--checkpoint", str(result.best_checkpoint), "--host", "0.0.0.0"]) == 2
     assert "set a token" in capsys.readouterr().err
     assert main(["serve", "--checkpoint", str(result.best_checkpoint), "--max-upload-mb", "-1"]) == 2
+
+
+def test_heat_map_of_an_improbable_class_is_withheld_with_a_warning(client, predictor):
+    png = _png_bytes(3)
+    probs = predictor.predict_bytes(png).probabilities
+    low = min(probs, key=probs.get)
+    r = client.post(f"/predict?heatmap=true&target={low}", files={"file": ("s.png", png, "image/png")}).json()
+    if probs[low] < 0.1:
+        assert r["heatmap"]["png_base64"] is None and "noise" in r["heatmap"]["warning"]
+        forced = client.post(
+            f"/predict?heatmap=true&target={low}&force_heatmap=true", files={"file": ("s.png", png, "image/png")}
+        )
+        assert len(forced.json()["heatmap"]["png_base64"]) > 100 and forced.json()["heatmap"]["warning"]
+    else:
+        assert r["heatmap"]["png_base64"] and r["heatmap"]["warning"] is None
+    from covidscan.explain import low_probability_warning
+
+    assert low_probability_warning("covid", 0.05) and low_probability_warning("covid", 0.5) is None

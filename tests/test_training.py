@@ -21,7 +21,7 @@ def test_training_lowers_loss_and_checkpoint_roundtrips(tmp_path):
     result = train(tiny_config(train={"epochs": 4}), data, tmp_path / "run")
     losses = [h["train_loss"] for h in result.history]
     assert losses[-1] < losses[0]
-    for name in ("config.yaml", "split.csv", "history.jsonl", "best.pt", "last.pt"):
+    for name in ("config.yaml", "split.csv", "history.jsonl", "best.pt", "last.pt", "curves.png"):
         assert (tmp_path / "run" / name).is_file()
     assert len((tmp_path / "run" / "history.jsonl").read_text().splitlines()) == 4
     obj = load_checkpoint(result.best_checkpoint, task="xray")

@@ -50,6 +50,7 @@ from covidscan.data.transforms import Preprocess, batch_augment, build_augment, 
 from covidscan.errors import ConfigError, DataError
 from covidscan.evaluation import predict_loader
 from covidscan.models import build_model
+from covidscan.reports import plot_history
 from covidscan.runtime import RunContext, autocast_for
 
 logger = logging.getLogger(__name__)
@@ -585,6 +586,8 @@ def _fit(
         stop = run_epoch(cfg, epoch, model, fit, data, run, keeper, progress=progress)
         if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
+    if run.is_main and keeper.history:
+        plot_history(keeper.history, keeper.out / "curves.png")
     return TrainResult(
         out=keeper.out,
         best_checkpoint=keeper.best_path,

@@ -57,6 +57,19 @@ def grad_cam(
     return cam.clamp(0, 1).cpu().numpy().astype(np.float32), k
 
 
+LOW_PROBABILITY = 0.1  # below this, a class's Grad-CAM mostly stretches noise to full scale
+
+
+def low_probability_warning(class_name: str, probability: float, limit: float = LOW_PROBABILITY) -> str | None:
+    """A warning when the explained class is one the model gives little probability; else None."""
+    if probability >= limit:
+        return None
+    return (
+        f"the model gives {class_name} probability {probability:.3f} (< {limit}): its Grad-CAM map is scaled to full "
+        "range from a weak signal and shows mostly noise, not where the model found that class"
+    )
+
+
 DISPLAY_MAX = 1024  # longest side of heat maps and overlays, whatever the scan's size (bounded memory)
 
 

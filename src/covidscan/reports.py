@@ -149,14 +149,20 @@ def write_evaluation(result: EvaluationResult, preds, out: Path, *, grid: int = 
 
 
 def _plot_confusion(cm: np.ndarray, names, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4, 4))
-    ax.imshow(cm, cmap="Blues")
-    for (i, j), v in np.ndenumerate(cm):
-        ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set_xticks(range(len(names)), names)
-    ax.set_yticks(range(len(names)), names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
+    """Counts and row-normalised (each true class sums to 100%) side by side."""
+    rows = cm.sum(1, keepdims=True)
+    norm = np.divide(cm, rows, out=np.zeros_like(cm, dtype=float), where=rows > 0)
+    fig, axes = plt.subplots(1, 2, figsize=(8.5, 4))
+    for ax, mat, title, fmt in ((axes[0], cm, "counts", "{:d}"), (axes[1], norm * 100, "% of the true class", "{:.0f}%")):
+        ax.imshow(mat, cmap="Blues", vmin=0)
+        for (i, j), v in np.ndenumerate(mat):
+            ax.text(j, i, fmt.format(int(v) if fmt == "{:d}" else v), ha="center", va="center",
+                    color="white" if v > mat.max() / 2 else "black")  # fmt: skip
+        ax.set_xticks(range(len(names)), names)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -180,19 +186,45 @@ def _plot_roc(y, probs, names, path: Path) -> None:
 
 
 def _plot_reliability(table: dict, ece: float, path: Path) -> None:
-    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    """Accuracy per confidence bin with the number of images in each bin written above it; bins of
+    fewer than 10 images drawn pale (their accuracy is noise)."""
+    fig, ax = plt.subplots(figsize=(4.8, 4.5))
     lo, hi = np.asarray(table["bin_lower"]), np.asarray(table["bin_upper"])
-    acc = np.asarray(table["accuracy"], dtype=float)
-    ok = np.isfinite(acc)
-    ax.bar(lo[ok], acc[ok], width=(hi - lo)[ok], align="edge", edgecolor="k", alpha=0.7, label="accuracy")
+    acc = np.asarray([np.nan if a is None else a for a in table["accuracy"]], dtype=float)
+    count = np.asarray(table["count"], dtype=int)
+    for few in (False, True):
+        sel = np.isfinite(acc) & ((count < 10) == few)
+        ax.bar(lo[sel], acc[sel], width=(hi - lo)[sel], align="edge", edgecolor="k", alpha=0.25 if few else 0.75,
+               color="tab:blue", label="accuracy (< 10 images)" if few else "accuracy")  # fmt: skip
+    for x, a, n in zip((lo + hi) / 2, acc, count):
+        if n:
+            ax.text(x, min(a, 0.93) + 0.02, str(n), ha="center", fontsize=6, rotation=90)
     ax.plot([0, 1], [0, 1], "r--", label="perfect calibration")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.05)
     ax.set_xlabel("confidence (top-class probability)")
-    ax.set_ylabel("accuracy")
+    ax.set_ylabel("accuracy (numbers: images per bin)")
     ax.set_title(f"ECE = {ece:.3f}")
-    ax.legend(loc="upper left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def plot_history(history: list[dict], path: Path) -> Path:
+    """Training curves: loss and accuracy, train and validation, per epoch."""
+    ep = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
+    for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
+        ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
+        ax.plot(ep, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0) -> Path:

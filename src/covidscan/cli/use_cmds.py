@@ -103,7 +103,7 @@ def cmd_predict(args) -> int:
 
 def cmd_explain(args) -> int:
     from covidscan.data import read_image
-    from covidscan.explain import save_overlay
+    from covidscan.explain import low_probability_warning, save_overlay
     from covidscan.inference import Predictor
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
@@ -111,6 +111,9 @@ def cmd_explain(args) -> int:
     cam, cls = predictor.explain(scan, args.target)
     pred = predictor.predict_scan(scan, str(args.image))
     title = f"Grad-CAM for {cls} (p={pred.probabilities[cls]:.2f}); predicted {pred.label}"
+    warning = low_probability_warning(cls, pred.probabilities[cls])
+    if warning:
+        print(f"covidscan: warning: {args.image}: {warning}", file=sys.stderr)
     save_overlay(args.out, scan.pixels, cam, title)
     print(f"{title}\nwrote {args.out}")
     return 0

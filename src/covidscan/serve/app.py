@@ -16,6 +16,7 @@ import io
 from importlib.resources import files
 
 from covidscan.data.io import ImageReadError, read_bytes
+from covidscan.explain import low_probability_warning
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file
@@ -131,16 +132,17 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pen
         file: UploadFile = File(...),
         heatmap: bool = Query(False),
         target: str | None = Query(None, description="class for the heat map (default: predicted)"),
+        force_heatmap: bool = Query(False, description="draw the heat map even for a class of probability < 0.1"),
     ) -> dict:
         if pending["n"] >= max_pending:
             raise HTTPException(503, f"busy: {max_pending} predictions already running or waiting", headers={"Retry-After": "5"})
         pending["n"] += 1
         try:
-            return await _predict(file, heatmap, target)
+            return await _predict(file, heatmap, target, force_heatmap)
         finally:
             pending["n"] -= 1
 
-    async def _predict(file, heatmap: bool, target: str | None) -> dict:
+    async def _predict(file, heatmap: bool, target: str | None, force_heatmap: bool) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than the {max_upload_bytes} byte limit")
@@ -155,8 +157,13 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pen
             raise HTTPException(415, f"{name}: not a readable PNG, JPEG or DICOM image ({exc.cause})") from None
         result = (await run_in_threadpool(predictor.predict_scan, scan, name)).to_dict()
         if heatmap:
-            cam, cls = await run_in_threadpool(predictor.explain, scan, target)
-            result["heatmap"] = {"class": cls, "png_base64": _overlay_png(scan.pixels, cam)}
+            cls = target or result["label"]
+            warning = low_probability_warning(cls, result["probabilities"][cls])
+            if warning and not force_heatmap:  # no map by default: it would show noise at full brightness
+                result["heatmap"] = {"class": cls, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
+            else:
+                cam, cls = await run_in_threadpool(predictor.explain, scan, target)
+                result["heatmap"] = {"class": cls, "png_base64": _overlay_png(scan.pixels, cam), "warning": warning}
         return result
 
     return app
