@@ -471,9 +471,10 @@ def train(
         if run.is_main:
             out.mkdir(parents=True, exist_ok=True)
             save_config(cfg, out / "config.yaml")
-            if not resume:
+            if not resume:  # a new run (or --overwrite): nothing of an older run may mix with it
+                for name in RUN_FILES:
+                    (out / name).unlink(missing_ok=True)
                 write_split(split, out / "split.csv")
-                (out / "history.jsonl").unlink(missing_ok=True)
             logger.info("split (%s):\n%s", split.protocol, split.format_counts())
         meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source)
         keeper = CheckpointKeeper(out, meta, monitor=cfg.train.monitor, patience=cfg.train.early_stopping)
