@@ -155,3 +155,20 @@ def test_precise_bn_changes_statistics_only_and_is_the_data_average(tmp_path):
         return max(((x[k] - b[k]).abs() / (b[k].abs() + 1e-3)).max().item() for k in stats)
 
     assert worst(again) < 1e-2 < 0.1 < worst(a), (worst(again), worst(a))  # float noise vs a real difference
+
+
+def test_test_time_augmentation_is_the_mean_with_the_mirror_image(trained_run, tmp_path):
+    result, data = trained_run
+    plain = Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+    tta = Predictor.from_checkpoint(result.best_checkpoint, device="cpu", tta=True)
+    from PIL import Image
+
+    img = next((data / "covid").glob("*.png"))
+    Image.open(img).transpose(Image.Transpose.FLIP_LEFT_RIGHT).save(tmp_path / "mirror.png")
+    a, b = plain.predict(img).probabilities, plain.predict(tmp_path / "mirror.png").probabilities
+    got = tta.predict(img).probabilities
+    assert got == pytest.approx({n: (a[n] + b[n]) / 2 for n in a}, abs=1e-5)
+    from covidscan.evaluation import evaluate
+
+    r = evaluate(result.best_checkpoint, data, n_boot=0, tta=True)
+    assert "test-time augmentation" in r.evaluated_on and r.metrics["n"] == 30

@@ -34,9 +34,12 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def predict_loader(
-    model, loader, device, autocast=nullcontext, pre: Preprocess | None = None
+    model, loader, device, autocast=nullcontext, pre: Preprocess | None = None, *, tta: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
-    """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean cross-entropy."""
+    """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean cross-entropy.
+
+    ``tta``: test-time augmentation, the mean of the probabilities of each image and its mirror image.
+    """
     model.eval()
     probs, labels, idx, loss_sum = [], [], [], 0.0
     for batch in loader:
@@ -44,6 +47,8 @@ def predict_loader(
         y = batch["label"].to(device)
         with autocast():
             logits = model(x).float()
+            if tta:  # log of the mean probability: softmax of it is that mean
+                logits = ((logits.softmax(1) + model(x.flip(-1)).float().softmax(1)) / 2).clamp_min(1e-12).log()
         loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
         probs.append(logits.softmax(1).cpu())
         labels.append(y.cpu())
@@ -72,8 +77,9 @@ def predict_index(
     cache_dir: Path | None = None,
     progress: bool = False,
     store: ImageStore | None = None,
+    tta: bool = False,
 ) -> Predictions:
-    """Softmax probabilities of ``model`` for every readable image of ``index``."""
+    """Softmax probabilities of ``model`` for every readable image of ``index`` (``tta``: with its mirror image)."""
     dev = resolve_device(device)
     pre = meta.preprocess
     store = store or ImageStore(index.records, pre, cache_dir=cache_dir, progress=progress)
@@ -81,7 +87,7 @@ def predict_index(
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
     model.to(dev)
-    probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre)
+    probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre, tta=tta)
     kept = index.subset(idx.tolist())
     return Predictions(kept, probs, y, store.skipped)
 
@@ -119,17 +125,26 @@ def evaluate(
     device: str = "auto",
     progress: bool = False,
     seed: int = 0,
+    tta: bool = False,
 ) -> EvaluationResult:
-    """Evaluate; with ``out`` write ``metrics.json``, ``report.md`` and PNG figures there."""
+    """Evaluate; with ``out`` write ``metrics.json``, ``report.md`` and PNG figures there.
+    ``tta``: average each image's probabilities with its mirror image's."""
     checkpoint = Path(checkpoint)
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
     if len(index) == 0:
         raise DataError(f"no images to evaluate in {where}")
-    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images", progress=progress)
+    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images", progress=progress, tta=tta)
     if len(preds.y) == 0:
         raise DataError(f"no readable image to evaluate in {where}")
-    result = summarise(preds, meta, where, checkpoint=checkpoint, n_boot=n_boot, seed=seed)
+    result = summarise(
+        preds,
+        meta,
+        where + (" (test-time augmentation: image + mirror)" if tta else ""),
+        checkpoint=checkpoint,
+        n_boot=n_boot,
+        seed=seed,
+    )
     if out is not None:
         write_evaluation(result, preds, Path(out), grid=grid, seed=seed)
     return result

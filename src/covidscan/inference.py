@@ -48,19 +48,20 @@ class Prediction:
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: str = "cpu"):
+    def __init__(self, model: torch.nn.Module, meta: CheckpointMeta, device: str = "cpu", *, tta: bool = False):
         self.meta = meta
         self.class_names: list[str] = list(meta.class_names)
         self.pre = meta.preprocess
+        self.tta = tta  # test-time augmentation: mean probabilities of the image and its mirror image
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
         self._lock = threading.Lock()
 
     @classmethod
-    def from_checkpoint(cls, path: str | Path, *, device: str = "auto") -> Predictor:
+    def from_checkpoint(cls, path: str | Path, *, device: str = "auto", tta: bool = False) -> Predictor:
         obj = load_checkpoint(path)
         model, meta = model_from_checkpoint(obj, path)
-        return cls(model, meta, str(resolve_device(device)))
+        return cls(model, meta, str(resolve_device(device)), tta=tta)
 
     @property
     def task(self) -> str:
@@ -95,8 +96,12 @@ class Predictor:
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
+        x = x.to(self.device)
         with self._lock:
-            return self.model(x.to(self.device)).float().softmax(1).cpu().numpy()
+            p = self.model(x).float().softmax(1)
+            if self.tta:
+                p = (p + self.model(x.flip(-1)).float().softmax(1)) / 2
+            return p.cpu().numpy()
 
     def predict_scan(self, scan: ScanImage, source: str = "") -> Prediction:
         u8 = to_gray_uint8(scan, self.pre)  # decoded, resized once for the model and the checks

@@ -23,6 +23,7 @@ def cmd_evaluate(args) -> int:
         n_boot=args.bootstrap,
         device=args.device,
         progress=not args.quiet,
+        tta=args.tta,
     )
     print(evaluation_markdown(result))
     print(f"wrote {args.out}/report.md, metrics.json, predictions.csv and figures")
@@ -67,7 +68,7 @@ def cmd_predict(args) -> int:
     from covidscan.inference import Predictor
     from covidscan.results import dumps
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
     names = predictor.class_names
     results, failed = [], 0
     files = expand_paths(args.paths)
@@ -216,6 +217,7 @@ def register(sub) -> None:
     _subset_args(p)
     common.add_out(p, "folder for report.md, metrics.json, predictions.csv and figures")
     p.add_argument("--grid", type=int, default=0, help="also draw N test scans with predictions (paper Fig. 8/9)")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
     common.add_bootstrap(p, 1000)
     common.add_device(p)
     common.add_quiet(p)
@@ -227,6 +229,7 @@ def register(sub) -> None:
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="strict JSON, one object per image")
     g.add_argument("--csv", action="store_true", help="CSV with a header")
+    p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
     common.add_device(p)
     common.add_quiet(p)
     p.set_defaults(func=cmd_predict)
