@@ -297,3 +297,12 @@ def test_heat_map_of_an_improbable_class_is_withheld_with_a_warning(client, pred
     from covidscan.explain import low_probability_warning
 
     assert low_probability_warning("covid", 0.05) and low_probability_warning("covid", 0.5) is None
+
+
+def test_api_docs_work_offline(client):
+    page = client.get("/docs")
+    assert page.status_code == 200 and "/docs-assets/swagger-ui-bundle.js" in page.text
+    assert "cdn" not in page.text.lower()  # nothing loaded from a content-delivery network
+    js = client.get("/docs-assets/swagger-ui-bundle.js")
+    assert js.status_code == 200 and len(js.content) > 100_000
+    assert client.get("/docs-assets/swagger-ui.css").status_code == 200

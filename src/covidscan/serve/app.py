@@ -102,7 +102,10 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pen
         title="covidscan",
         version=predictor.meta.versions.get("covidscan", ""),
         description="COVID-19 detection on chest scans. Research use only; not a medical device.",
+        docs_url=None,  # served below from local files: FastAPI's default loads Swagger UI from a CDN
+        redoc_url=None,
     )
+    _offline_docs(app)
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK)
     if token:
         app.add_middleware(TokenGuard, token=token)
@@ -177,3 +180,22 @@ def _overlay_png(pixels, cam) -> str:
     buf = io.BytesIO()
     Image.fromarray(overlay(pixels, cam)).save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
+
+
+def _offline_docs(app) -> None:
+    """``/docs`` with Swagger UI's files from the ``swagger-ui-bundle`` package, so it works offline."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    def docs():
+        return get_swagger_ui_html(
+            openapi_url=app.openapi_url,
+            title="covidscan API",
+            swagger_js_url="/docs-assets/swagger-ui-bundle.js",
+            swagger_css_url="/docs-assets/swagger-ui.css",
+            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+        )
