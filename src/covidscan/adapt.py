@@ -41,7 +41,9 @@ def adapt_batchnorm(model: nn.Module, store: ImageStore, *, batch_size: int = 32
     with the rest of the network in eval mode (dropout off). Returns the number of images used.
     """
     images = store.images[torch.from_numpy(store.valid)]
-    return batchnorm_statistics(model, images, store.pre, batch_size=batch_size, device=resolve_device(device))
+    dev = resolve_device(device)
+    model.to(dev)  # a checkpoint's model is built on the CPU; "auto" may mean CUDA
+    return batchnorm_statistics(model, images, store.pre, batch_size=batch_size, device=dev)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint, save_checkpoint
+from covidscan.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from covidscan.errors import CheckpointError
 
 #: preprocessing fields the members must agree on
@@ -106,13 +106,6 @@ def ensemble_from_meta(meta: CheckpointMeta, state_dict: dict, path) -> Ensemble
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: ensemble weights do not fit its members ({str(exc)[:200]})") from exc
     return ens.eval()
-
-
-def load_members(path) -> list[tuple[nn.Module, CheckpointMeta]]:
-    """The members of an ensemble checkpoint as separate models (for tests and reports)."""
-    obj = load_checkpoint(path)
-    ens, meta = model_from_checkpoint(obj, path)
-    return [(m, meta) for m in ens.members]
 
 
 def train_ensemble(configs: list, data, out, *, overwrite: bool = False, progress: bool = False) -> tuple[Path, list]:

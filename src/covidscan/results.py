@@ -134,7 +134,3 @@ class EvaluationResult:
     @classmethod
     def read(cls, path: str | Path) -> EvaluationResult:
         return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
-
-    def interval(self, key: str) -> tuple | None:
-        ci = self.ci95.get(key)
-        return tuple(ci) if ci else None
