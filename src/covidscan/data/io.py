@@ -28,9 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pydicom
 from PIL import Image, UnidentifiedImageError
-from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
 from covidscan.errors import ImageReadError
 
@@ -205,6 +203,9 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 
 
 def _read_dicom(src, name: str | None = None) -> ScanImage:
+    import pydicom  # only where DICOM is read: PNG / JPEG work without it (and start faster)
+    from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
+
     label = name or src
     try:
         ds = pydicom.dcmread(src)
