@@ -118,7 +118,7 @@ def main() -> None:
     ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (and covidscan's on CUDA)")
     ap.add_argument("--data", type=Path, default=SHARED, help="an X-ray folder with manifest.csv")
     args = ap.parse_args()
-    data = args.data
+    data = args.data.resolve()  # split.csv in a temporary folder names files by absolute path
     dev = torch.device(args.device)
     rows = list(csv.DictReader(open(data / "manifest.csv")))
     if args.images + args.val > len(rows):

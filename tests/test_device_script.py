@@ -47,8 +47,11 @@ def test_paper_protocol_script_smoke(tmp_path):
     packed = tmp_path / "inception.int8.pth.xz"
     torch.save(_pack_weights_module().quantize(net.state_dict()), tmp_path / "q.pth")
     packed.write_bytes(lzma.compress((tmp_path / "q.pth").read_bytes(), preset=0))
-    env = {**os.environ, "SMOKE": "1", "DATA_ROOT": str(tmp_path / "data"), "OUT": str(out), "WORK": str(tmp_path / "work"),
-           "INCEPTION_PACKED": str(packed)}
+    data_root = os.path.relpath(tmp_path / "data", REPO)  # relative, as on the GPU machine (.gpu/data)
+    scratch = tmp_path / "scratch" / "deeper"  # temporary folders at another depth than the repository
+    scratch.mkdir(parents=True)
+    env = {**os.environ, "SMOKE": "1", "DATA_ROOT": data_root, "OUT": str(out), "WORK": str(tmp_path / "work"),
+           "INCEPTION_PACKED": str(packed), "TMPDIR": str(scratch)}
     proc = subprocess.run(
         ["bash", "benchmarks/device/paper_protocol.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
     )
