@@ -90,12 +90,26 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class StudyConfig:
+    """CT studies (covidscan.study): how a volume in Hounsfield units becomes slices for the slice model,
+    and how slice scores become one patient result. Stored in the checkpoint with the rest of the config."""
+
+    window_center: float = -600.0  # lung window mapped to 0..255 (HU); measured in docs/results/ct_volumes.md
+    window_width: float = 1500.0
+    frame: str = "lungs"  # lungs: crop each slice to its lung box (+ margin), like the screenshot-style training slices | none
+    rule: str = "topk"  # topk (mean of the top fraction of lung slices) | mean | max | noisy_or
+    top: float = 0.25  # topk: fraction of the lung slices averaged (at least 3 slices)
+    min_lung: float = 0.25  # keep slices whose lung area is at least this fraction of the volume's largest
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    study: StudyConfig = field(default_factory=StudyConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -147,7 +161,7 @@ def _build(cls, values: dict, where: str):
 
 
 def _section_cls(name: str):
-    return {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig}[name]
+    return {"data": DataConfig, "augment": AugmentConfig, "model": ModelConfig, "train": TrainConfig, "study": StudyConfig}[name]
 
 
 def config_from_dict(values: dict, where: str = "config") -> Config:
@@ -201,6 +215,14 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
     if cfg.data.lungs not in ("none", "crop", "mask", "both"):
         raise ConfigError(f"data.lungs={cfg.data.lungs!r}; choose none, crop, mask or both")
+    st = cfg.study
+    if st.window_width <= 0 or st.frame not in ("lungs", "none") or st.rule not in ("topk", "mean", "max", "noisy_or"):
+        raise ConfigError(
+            f"study: window_width must be > 0 (got {st.window_width}), frame lungs|none (got {st.frame!r}), "
+            f"rule topk|mean|max|noisy_or (got {st.rule!r})"
+        )
+    if not 0 < st.top <= 1 or not 0 <= st.min_lung <= 1:
+        raise ConfigError(f"study.top must be in (0, 1] (got {st.top}) and study.min_lung in [0, 1] (got {st.min_lung})")
     if cfg.model.head not in ("linear", "paper"):
         raise ConfigError(f"model.head={cfg.model.head!r}; choose linear or paper")
     if cfg.train.sampler not in ("plain", "balanced"):

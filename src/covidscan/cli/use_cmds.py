@@ -13,6 +13,13 @@ def cmd_evaluate(args) -> int:
     from covidscan.evaluation import evaluate
     from covidscan.reports import evaluation_markdown
 
+    data = args.data if isinstance(args.data, list) else [args.data] if args.data else []
+    if len(data) == 1 and not args.split:
+        from covidscan.study import is_studies_folder
+
+        if is_studies_folder(data[0]):
+            return _evaluate_studies(args, data[0])
+
     result = evaluate(
         args.checkpoint,
         args.data,
@@ -27,6 +34,17 @@ def cmd_evaluate(args) -> int:
     )
     print(evaluation_markdown(result))
     print(f"wrote {args.out}/report.md, metrics.json, predictions.csv and figures")
+    return 0
+
+
+def _evaluate_studies(args, data) -> int:
+    from covidscan.inference import Predictor
+    from covidscan.study import evaluate_studies, studies_markdown
+
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
+    summary = evaluate_studies(predictor, data, args.out)
+    print(studies_markdown(summary))
+    print(f"wrote {args.out}/report.md, studies.json and per-study slices.csv / slices.png / montage.png")
     return 0
 
 
@@ -71,7 +89,15 @@ def cmd_predict(args) -> int:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
     names = predictor.class_names
     results, failed = [], 0
-    files = expand_paths(args.paths)
+    if predictor.task == "ct":
+        from covidscan.study import find_studies
+
+        studies, files = find_studies(args.paths)
+        failed += _predict_studies(predictor, studies, args)
+        if studies and not files:
+            return 1 if failed else 0
+    else:
+        files = expand_paths(args.paths)
     bar = None
     if len(files) > 1 and not args.quiet:
         from tqdm.auto import tqdm
@@ -100,6 +126,40 @@ def cmd_predict(args) -> int:
     if failed:
         print(f"covidscan: {failed} file(s) could not be predicted", file=sys.stderr)
     return 1 if failed else 0
+
+
+def _predict_studies(predictor, studies, args) -> int:
+    """CT studies (series folders, NIfTI, zip): one line each (or JSON / CSV); per-study files with --study-out."""
+    import csv
+
+    from covidscan.data.volume import VolumeError, read_volume
+    from covidscan.results import dumps
+    from covidscan.study import predict_study, write_study
+
+    failed, rows = 0, []
+    for path in studies:
+        try:
+            vol = read_volume(path)
+            res = predict_study(predictor, vol)
+        except VolumeError as exc:
+            failed += 1
+            print(f"covidscan: error: {exc}", file=sys.stderr)
+            continue
+        rows.append(res.to_dict())
+        if args.study_out:
+            out = write_study(res, Path(args.study_out) / Path(str(path)).name.replace(".nii.gz", "").replace(".", "_"),
+                              predictor=predictor, volume=vol)  # fmt: skip
+            rows[-1]["outputs"] = str(out)
+        if not (args.json or args.csv):
+            print(res.line())
+    if args.json:
+        print(dumps(rows, indent=2))
+    elif args.csv and rows:
+        w = csv.DictWriter(sys.stdout, fieldnames=[k for k in rows[0] if k != "warnings"] + ["warnings"], extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({**r, "warnings": "; ".join(r["warnings"])})
+    return failed
 
 
 def cmd_explain(args) -> int:
@@ -223,13 +283,19 @@ def register(sub) -> None:
     common.add_quiet(p)
     p.set_defaults(func=cmd_evaluate)
 
-    p = sub.add_parser("predict", help="class probabilities for image files / folders (PNG, JPEG, DICOM)")
+    p = sub.add_parser(
+        "predict", help="class probabilities for image files / folders (PNG, JPEG, DICOM); CT models: one result per study"
+    )
     common.add_checkpoint(p)
-    p.add_argument("paths", type=Path, nargs="+", help="image files or folders")
+    p.add_argument(
+        "paths", type=Path, nargs="+",
+        help="image files or folders; with a CT model, a DICOM series folder, .nii / .nii.gz or .zip is one study",
+    )  # fmt: skip
     g = p.add_mutually_exclusive_group()
     g.add_argument("--json", action="store_true", help="strict JSON, one object per image")
     g.add_argument("--csv", action="store_true", help="CSV with a header")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
+    p.add_argument("--study-out", type=Path, help="CT studies: write slices.csv, slices.png and montage.png per study here")
     common.add_device(p)
     common.add_quiet(p)
     p.set_defaults(func=cmd_predict)

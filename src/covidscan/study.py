@@ -1,0 +1,363 @@
+"""CT studies: a volume in Hounsfield units -> slices the slice model reads -> one patient result.
+
+1. **Window**: HU -> 8 bits with a lung window (``study.window_center`` / ``window_width``, default
+   -600 / 1500, stored in the checkpoint's config): ``grey = 255 * clip((HU - (c - w/2)) / w, 0, 1)``.
+2. **Lung slices**: per slice, the body is what is above -500 HU with its holes filled; lung is below
+   -400 HU inside it. Slices whose lung area is at least ``study.min_lung`` of the volume's largest
+   (and at least 1% of the slice) are scored; the others (neck, abdomen) are not.
+3. **Framing** (``study.frame=lungs``): each scored slice is cut to its lung box plus a 12% margin, so
+   that it is framed like the screenshot-style training slices (Soares et al.), not a full 50 cm field
+   with the table.
+4. **Aggregation** (``study.rule``): ``topk`` (default) = mean of the highest ``study.top`` fraction of
+   the lung-slice COVID probabilities (at least 3 slices). Why: infection covers part of the lungs
+   (41 of 74 slices for the COVID-CT-MD patient here), so the mean over all slices dilutes it, while the
+   maximum or a noisy-OR lets one false-positive slice decide; measured side by side in
+   ``docs/results/ct_volumes.md``. ``mean``, ``max`` and ``noisy_or`` (``1 - prod(1 - p)``) are options.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from covidscan.config import StudyConfig
+from covidscan.data.io import ScanImage
+from covidscan.data.volume import Volume, read_volume
+
+FRAME_MARGIN = 0.12
+MIN_LUNG_PIXELS = 0.01
+
+
+def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
+    """Hounsfield units -> uint8 grey values through the window (``center``, ``width``)."""
+    lo = center - width / 2.0
+    return np.round(np.clip((np.asarray(hu, np.float32) - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
+
+
+def lung_mask(hu_slice: np.ndarray) -> np.ndarray:
+    """Air inside the body of one axial slice (boolean): lungs and airways."""
+    body = ndimage.binary_fill_holes(hu_slice > -500)
+    lungs = body & (hu_slice < -400)
+    return ndimage.binary_opening(lungs, iterations=2)
+
+
+def lung_areas(vol: Volume) -> np.ndarray:
+    """Fraction of each slice's pixels that is lung."""
+    return np.array([lung_mask(s).mean() for s in vol.hu], dtype=np.float64)
+
+
+def select_slices(areas: np.ndarray, min_lung: float) -> np.ndarray:
+    """Boolean mask of the slices to score: lung area >= ``min_lung`` x the largest and >= 1% of the slice."""
+    if areas.size == 0 or areas.max() <= 0:
+        return np.zeros(areas.shape, bool)
+    return (areas >= min_lung * areas.max()) & (areas >= MIN_LUNG_PIXELS)
+
+
+def lung_box(mask: np.ndarray, margin: float = FRAME_MARGIN) -> tuple[int, int, int, int]:
+    """``(top, bottom, left, right)`` of the mask's box, widened by ``margin`` of its size, inside the image."""
+    rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+    h, w = mask.shape
+    if rows.size == 0:
+        return 0, h, 0, w
+    t, b, lft, r = rows[0], rows[-1] + 1, cols[0], cols[-1] + 1
+    mh, mw = int(round((b - t) * margin)), int(round((r - lft) * margin))
+    return max(0, t - mh), min(h, b + mh), max(0, lft - mw), min(w, r + mw)
+
+
+def slice_image(hu_slice: np.ndarray, cfg: StudyConfig) -> np.ndarray:
+    """One axial slice -> the uint8 image the slice model reads (windowed, framed)."""
+    img = window(hu_slice, cfg.window_center, cfg.window_width)
+    if cfg.frame == "lungs":
+        t, b, lft, r = lung_box(lung_mask(hu_slice))
+        img = img[t:b, lft:r]
+    return img
+
+
+def aggregate(probs, rule: str = "topk", top: float = 0.25) -> float:
+    """Slice probabilities -> one study probability (see the module docstring for the rules)."""
+    p = np.sort(np.asarray(probs, dtype=np.float64))[::-1]
+    if p.size == 0:
+        return float("nan")
+    if rule == "topk":
+        k = min(p.size, max(3, math.ceil(top * p.size)))
+        return float(p[:k].mean())
+    if rule == "mean":
+        return float(p.mean())
+    if rule == "max":
+        return float(p[0])
+    if rule == "noisy_or":
+        return float(1.0 - np.prod(1.0 - p))
+    raise ValueError(f"unknown aggregation rule {rule!r}; choose topk, mean, max or noisy_or")
+
+
+@dataclass
+class StudyResult:
+    """One study's result: ``probability`` (of ``positive_class``), ``label``, and per-slice rows."""
+
+    study: str
+    probability: float
+    label: str
+    positive_class: str
+    rule: str
+    slices: list[dict] = field(default_factory=list)  # index, name, position_mm, lung_area, scored, probability
+    summary: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def scored(self) -> list[dict]:
+        return [s for s in self.slices if s["scored"]]
+
+    def to_dict(self) -> dict:
+        return {
+            "study": self.study, "probability": self.probability, "label": self.label,
+            "positive_class": self.positive_class, "rule": self.rule, "n_slices": len(self.slices),
+            "n_scored": len(self.scored), "volume": self.summary, "warnings": self.warnings,
+        }  # fmt: skip
+
+    def line(self) -> str:
+        warn = f"  [{'; '.join(self.warnings)}]" if self.warnings else ""
+        return (
+            f"{self.study}: {self.label}  p({self.positive_class})={self.probability:.3f}  "
+            f"({self.rule} of {len(self.scored)} lung slices of {len(self.slices)}; {self.summary}){warn}"
+        )
+
+
+def study_config(predictor) -> StudyConfig:
+    """The checkpoint's study settings (defaults for checkpoints written before they existed)."""
+    values = (predictor.meta.config or {}).get("study") or {}
+    known = {f for f in StudyConfig.__dataclass_fields__}
+    return StudyConfig(**{k: v for k, v in values.items() if k in known})
+
+
+def slice_scans(vol: Volume, cfg: StudyConfig) -> tuple[np.ndarray, np.ndarray, list[ScanImage | None]]:
+    """Lung areas, the scored-slice mask and a :class:`ScanImage` for each scored slice (None elsewhere)."""
+    areas = lung_areas(vol)
+    keep = select_slices(areas, cfg.min_lung)
+    scans = [
+        ScanImage(pixels=slice_image(vol.hu[i], cfg).astype(np.float32) / 255.0, format="CT", mode="HU", path=Path(vol.names[i]))
+        if keep[i] else None
+        for i in range(vol.n_slices)
+    ]  # fmt: skip
+    return areas, keep, scans
+
+
+def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: int = 32) -> StudyResult:
+    """Score a study (a path or a :class:`Volume`) with a CT slice :class:`~covidscan.inference.Predictor`."""
+    import torch
+
+    if predictor.task != "ct":
+        raise ValueError(f"a CT study needs a CT model; this checkpoint is for {predictor.task}")
+    vol = study if isinstance(study, Volume) else read_volume(study)
+    cfg = cfg or study_config(predictor)
+    areas, keep, scans = slice_scans(vol, cfg)
+    positive = "covid"
+    k = predictor.class_names.index(positive)
+    probs = np.full(vol.n_slices, np.nan)
+    idx = np.flatnonzero(keep)
+    for start in range(0, idx.size, batch):
+        part = idx[start : start + batch]
+        x = torch.cat([predictor.tensor(scans[i]) for i in part])
+        probs[part] = predictor.probabilities(x)[:, k]
+    warnings = []
+    if idx.size == 0:
+        warnings.append("no slice with lung found: is this a chest CT in Hounsfield units?")
+    if vol.gaps:
+        warnings.append(f"{len(vol.gaps)} gap(s) between slices")
+    p = aggregate(probs[idx], cfg.rule, cfg.top) if idx.size else float("nan")
+    t = (predictor.meta.threshold or {}).get("value", 0.5) if (predictor.meta.threshold or {}).get("class") == positive else 0.5
+    other = [c for c in predictor.class_names if c != positive][0]
+    label = positive if p >= t else other
+    rows = [
+        {"index": i, "name": vol.names[i], "position_mm": float(vol.positions[i]), "lung_area": float(areas[i]),
+         "scored": bool(keep[i]), "probability": None if np.isnan(probs[i]) else float(probs[i])}
+        for i in range(vol.n_slices)
+    ]  # fmt: skip
+    return StudyResult(vol.source, p, label, positive, cfg.rule, rows, vol.summary(), warnings)
+
+
+def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | None = None, montage: int = 6) -> Path:
+    """``slices.csv``, ``study.json``, ``slices.png`` (probability along the body axis) and, with the predictor
+    and volume, ``montage.png`` (the highest-scoring slices with Grad-CAM) in ``out``."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from covidscan.results import write_json
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "slices.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(result.slices[0]))
+        w.writeheader()
+        w.writerows(result.slices)
+    write_json(result.to_dict(), out / "study.json")
+    s = result.scored
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["position_mm"] for r in s], [r["probability"] for r in s], "o-", ms=3)
+    ax.axhline(result.probability, color="tab:red", ls="--", label=f"study {result.rule}: {result.probability:.2f}")
+    ax.set(xlabel="slice position along the body axis (mm, feet -> head)", ylabel=f"p({result.positive_class})", ylim=(0, 1))
+    ax.set_title(Path(result.study).name, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "slices.png", dpi=110)
+    plt.close(fig)
+    if predictor is not None and volume is not None and s:
+        from covidscan.explain import overlay
+
+        cfg = study_config(predictor)
+        top = sorted(s, key=lambda r: -r["probability"])[:montage]
+        fig, axes = plt.subplots(1, len(top), figsize=(2.6 * len(top), 2.9))
+        for a, r in zip(np.atleast_1d(axes), top):
+            img = slice_image(volume.hu[r["index"]], cfg)
+            scan = ScanImage(pixels=img.astype(np.float32) / 255.0, format="CT", mode="HU", path=Path(r["name"]))
+            cam, _ = predictor.explain(scan, result.positive_class)
+            a.imshow(overlay(img.astype(np.float32) / 255.0, cam))
+            a.set_title(f"slice {r['index']}  p={r['probability']:.2f}", fontsize=8)
+            a.axis("off")
+        fig.tight_layout()
+        fig.savefig(out / "montage.png", dpi=90)
+        plt.close(fig)
+    return out
+
+
+def find_studies(paths) -> tuple[list[Path], list[Path]]:
+    """Split ``paths`` into CT studies and single image files: a folder that directly holds DICOM files is
+    one study (series), a ``.nii`` / ``.nii.gz`` / ``.zip`` file is one study; other folders are searched."""
+    from covidscan.data.io import is_image_file
+    from covidscan.data.volume import is_nifti, is_series_folder
+
+    studies, images = [], []
+
+    def visit(p: Path) -> None:
+        if p.is_dir():
+            if is_series_folder(p):
+                studies.append(p)
+                return
+            for child in sorted(p.iterdir()):
+                if not child.name.startswith("."):
+                    visit(child)
+        elif is_nifti(p) or p.suffix.lower() == ".zip":
+            studies.append(p)
+        elif is_image_file(p) or not p.exists():
+            images.append(p)
+
+    for p in paths:
+        visit(Path(p))
+    return studies, images
+
+
+def is_studies_folder(path) -> bool:
+    """A folder whose ``manifest.csv`` lists CT series (a ``series`` column), like ``ct-volumes``."""
+    m = Path(path) / "manifest.csv"
+    if Path(path).is_file() and Path(path).name == "manifest.csv":
+        m = Path(path)
+    if not m.is_file():
+        return False
+    with open(m, newline="", encoding="utf-8-sig") as fh:
+        return "series" in (csv.DictReader(fh).fieldnames or [])
+
+
+def _auroc(pos, neg) -> float | None:
+    from sklearn.metrics import roc_auc_score
+
+    if not len(pos) or not len(neg):
+        return None
+    return float(roc_auc_score([1] * len(pos) + [0] * len(neg), list(pos) + list(neg)))
+
+
+def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = None, figures: bool = True) -> dict:
+    """Patient- and slice-level results of a CT model on a folder of studies with a manifest.
+
+    ``manifest.csv``: ``series`` (folder, relative), ``task_label`` (else ``label``; ``cap`` counts as
+    non-COVID); optional ``slice_labels.csv`` (``file``, ``infection`` 0/1) beside it. Slice-level AUROC:
+    infected slices of COVID studies against every scored slice of the non-COVID studies, and infected
+    against clear slices inside the COVID studies.
+    """
+    root = Path(data)
+    root = root.parent if root.is_file() else root
+    with open(root / "manifest.csv", newline="", encoding="utf-8-sig") as fh:
+        rows = list(csv.DictReader(fh))
+    infection = {}
+    if (root / "slice_labels.csv").is_file():
+        with open(root / "slice_labels.csv", newline="", encoding="utf-8-sig") as fh:
+            infection = {Path(r["file"]).as_posix(): int(r["infection"]) for r in csv.DictReader(fh)}
+    cfg = cfg or study_config(predictor)
+    studies, pos, neg, inf_in, clear_in = [], [], [], [], []
+    for r in rows:
+        truth = r.get("task_label") or r["label"]
+        truth = "covid" if truth == "covid" else "normal"
+        vol = read_volume(root / r["series"])
+        res = predict_study(predictor, vol, cfg=cfg)
+        if out is not None and figures:
+            write_study(res, Path(out) / Path(r["series"]).name, predictor=predictor, volume=vol)
+        for s in res.scored:
+            key = (Path(r["series"]) / s["name"]).as_posix()
+            lab = infection.get(key)
+            if truth == "covid":
+                if lab == 1:
+                    pos.append(s["probability"])
+                    inf_in.append(s["probability"])
+                elif lab == 0:
+                    clear_in.append(s["probability"])
+            else:
+                neg.append(s["probability"])
+        studies.append({**res.to_dict(), "series": r["series"], "truth": truth, "correct": res.label == truth})
+    y = [s["truth"] == "covid" for s in studies]
+    p = [s["probability"] for s in studies]
+    summary = {
+        "studies": studies,
+        "window": [cfg.window_center, cfg.window_width],
+        "frame": cfg.frame,
+        "rule": cfg.rule,
+        "patient_accuracy": float(np.mean([s["correct"] for s in studies])) if studies else None,
+        "patient_auroc": _auroc([q for q, t in zip(p, y) if t], [q for q, t in zip(p, y) if not t]),
+        "slice_auroc_infected_vs_noncovid": _auroc(pos, neg),
+        "slice_auroc_infected_vs_clear_in_covid": _auroc(inf_in, clear_in),
+        "n_slices": {"infected_covid": len(pos), "noncovid": len(neg), "clear_covid": len(clear_in)},
+    }
+    if out is not None:
+        from covidscan.results import write_json
+
+        Path(out).mkdir(parents=True, exist_ok=True)
+        write_json(summary, Path(out) / "studies.json")
+        (Path(out) / "report.md").write_text(studies_markdown(summary))
+    return summary
+
+
+def studies_markdown(s: dict) -> str:
+    def f(v):
+        return "n/a" if v is None else f"{v:.3f}"
+
+    lines = [
+        "# CT studies: patient-level results",
+        "",
+        f"Window {s['window'][0]:g} / {s['window'][1]:g} HU, frame {s['frame']}, rule {s['rule']}. "
+        "Research use only; not a medical device.",
+        "",
+        "| series | truth | p(covid) | predicted | lung slices scored | slices |",
+        "|---|---|---|---|---|---|",
+    ]
+    for st in s["studies"]:
+        lines.append(
+            f"| {st['series']} | {st['truth']} | {st['probability']:.3f} | {st['label']} | {st['n_scored']} | {st['n_slices']} |"
+        )
+    n = s["n_slices"]
+    lines += [
+        "",
+        f"- patient accuracy: {f(s['patient_accuracy'])}; patient AUROC: {f(s['patient_auroc'])} "
+        f"({len(s['studies'])} studies: no interval is meaningful at this size)",
+        f"- slice AUROC, infected slices of COVID studies ({n['infected_covid']}) vs every scored slice of the "
+        f"non-COVID studies ({n['noncovid']}): {f(s['slice_auroc_infected_vs_noncovid'])}",
+        f"- slice AUROC, infected vs clear slices inside the COVID studies ({n['infected_covid']} / {n['clear_covid']}): "
+        f"{f(s['slice_auroc_infected_vs_clear_in_covid'])}",
+        "",
+        "Per study: `<series>/slices.csv`, `slices.png` (probability along the body axis), `montage.png` "
+        "(highest-scoring slices with Grad-CAM).",
+    ]
+    return "\n".join(lines) + "\n"
