@@ -1,0 +1,263 @@
+"""CT studies: reading DICOM series / NIfTI / zip into HU volumes, windowing, slice selection, aggregation,
+and the real JPEG-Lossless series in ../shared/data/ct-volumes."""
+
+import io
+import random
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from covidscan.config import StudyConfig
+from covidscan.data.volume import VolumeError, read_series_zip, read_volume
+from covidscan.study import aggregate, find_studies, lung_box, lung_mask, select_slices, window
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-volumes"
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_predictor(tmp_path_factory):
+    """A tiny CT slice model (1 epoch on synthetic slices): enough to run the study path end to end."""
+    import torch
+
+    from covidscan.engine import train
+    from covidscan.inference import Predictor
+    from tests.conftest import make_folder_dataset, tiny_config
+
+    root = tmp_path_factory.mktemp("ctdata")
+    data = make_folder_dataset(root / "ct", classes=("covid", "normal"), per_class=6, size=48)
+    torch.manual_seed(0)
+    cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1})
+    result = train(cfg, data, tmp_path_factory.mktemp("ctrun") / "tiny")
+    return Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+
+
+def phantom(n=6, size=48, seed=0) -> np.ndarray:
+    """``n x size x size`` HU: air outside, a soft-tissue body with two lungs (-850 HU) inside."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:size, :size]
+    vol = np.full((n, size, size), -1000.0)
+    body = ((yy - size / 2) / (size * 0.42)) ** 2 + ((xx - size / 2) / (size * 0.46)) ** 2 <= 1
+    for z in range(n):
+        s = vol[z]
+        s[body] = 40 + rng.normal(0, 5, body.sum())
+        for cx in (size * 0.32, size * 0.68):
+            lung = ((yy - size / 2) / (size * 0.28)) ** 2 + ((xx - cx) / (size * 0.12)) ** 2 <= 1
+            s[lung] = -850
+    return np.round(vol)
+
+
+def write_series(folder: Path, hu: np.ndarray, *, z0=-100.0, step=2.5, positions=None, series_uid=None,
+                 slope=1.0, intercept=-1024.0, names=None, shuffle=True):
+    """Write ``hu`` as one DICOM file per slice (uint16 stored values, rescale to HU), in a shuffled order."""
+    from pydicom.dataset import Dataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+    folder.mkdir(parents=True, exist_ok=True)
+    series_uid = series_uid or generate_uid()
+    order = list(range(len(hu)))
+    if shuffle:
+        random.Random(1).shuffle(order)
+    for k in order:
+        meta = FileMetaDataset()
+        meta.MediaStorageSOPClassUID = "1.2.840.10008.5.1.4.1.1.2"
+        meta.MediaStorageSOPInstanceUID = generate_uid()
+        meta.TransferSyntaxUID = ExplicitVRLittleEndian
+        ds = Dataset()
+        ds.file_meta = meta
+        ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+        ds.Modality, ds.PatientID, ds.SeriesInstanceUID, ds.StudyInstanceUID = "CT", "anon-1", series_uid, "1.2.3"
+        ds.Rows, ds.Columns = hu.shape[1:]
+        ds.PixelSpacing = [0.7, 0.7]
+        ds.ImageOrientationPatient = [1, 0, 0, 0, 1, 0]
+        z = positions[k] if positions is not None else z0 + step * k
+        ds.ImagePositionPatient = [-170.0, -170.0, float(z)]
+        ds.InstanceNumber = len(hu) - k  # deliberately not in position order
+        ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, "MONOCHROME2"
+        ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 12, 11, 0
+        ds.RescaleSlope, ds.RescaleIntercept = slope, intercept
+        ds.PixelData = np.round((hu[k] - intercept) / slope).astype(np.uint16).tobytes()
+        name = names[k] if names else f"IMG{random.Random(k).randint(0, 10**6):07d}.dcm"
+        ds.save_as(folder / name, enforce_file_format=True)
+    return series_uid
+
+
+def test_shuffled_series_comes_back_sorted_with_spacing_and_exact_hu(tmp_path):
+    hu = phantom(6)
+    hu[:, 0, 0] = np.arange(6) * 100 - 1000  # a per-slice marker: slice k holds -1000 + 100 k
+    write_series(tmp_path / "s", hu, step=2.5)
+    vol = read_volume(tmp_path / "s")
+    assert vol.hu.shape == hu.shape
+    np.testing.assert_array_equal(vol.hu, hu)  # sorted feet -> head, rescale slope / intercept exact
+    assert vol.spacing == pytest.approx((2.5, 0.7, 0.7))
+    assert vol.gaps == [] and vol.meta["sorted_by"] == "ImagePositionPatient" and vol.meta["Modality"] == "CT"
+
+
+def test_rescale_slope_and_intercept_applied(tmp_path):
+    hu = 2 * np.round(phantom(3) / 2)  # representable with slope 2
+    write_series(tmp_path / "s", hu, slope=2.0, intercept=-2048.0)
+    np.testing.assert_array_equal(read_volume(tmp_path / "s").hu, hu)
+
+
+def test_gap_is_reported(tmp_path, caplog):
+    write_series(tmp_path / "s", phantom(5), positions=[0.0, 2.0, 4.0, 10.0, 12.0])
+    vol = read_volume(tmp_path / "s")
+    assert vol.gaps == [(2, pytest.approx(6.0))]
+    assert vol.spacing[0] == pytest.approx(2.0)
+
+
+def test_bad_series_give_one_line_errors(tmp_path):
+    write_series(tmp_path / "mixed", phantom(3), series_uid="1.2.3.4")
+    write_series(tmp_path / "mixed", phantom(3), series_uid="1.2.3.5", z0=50.0, names=["b0.dcm", "b1.dcm", "b2.dcm"])
+    with pytest.raises(VolumeError, match="2 series mixed"):
+        read_volume(tmp_path / "mixed")
+    write_series(tmp_path / "one", phantom(1))
+    with pytest.raises(VolumeError, match="single slice"):
+        read_volume(tmp_path / "one")
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "a.dcm").write_text("not dicom")
+    (tmp_path / "junk" / "notes.txt").write_text("hello")
+    with pytest.raises(VolumeError, match="no DICOM images"):
+        read_volume(tmp_path / "junk")
+    with pytest.raises(VolumeError, match="no such file"):
+        read_volume(tmp_path / "missing")
+    for exc in (VolumeError,):
+        try:
+            read_volume(tmp_path / "junk")
+        except exc as e:
+            assert "\n" not in str(e)
+
+
+def test_non_dicom_files_in_a_series_folder_are_skipped(tmp_path):
+    write_series(tmp_path / "s", phantom(4))
+    (tmp_path / "s" / "README.txt").write_text("scanner export")
+    assert read_volume(tmp_path / "s").n_slices == 4
+
+
+def test_missing_decoder_names_the_package(tmp_path, monkeypatch):
+    """A compressed transfer syntax whose decoder is missing: the error says what to install."""
+    write_series(tmp_path / "s", phantom(2))
+    import pydicom
+
+    from covidscan.data import volume as volume_mod
+
+    real = pydicom.dcmread
+
+    def fake_read(src, *a, **k):
+        ds = real(src, *a, **k)
+        ds.file_meta.TransferSyntaxUID = pydicom.uid.JPEGLosslessSV1  # claims JPEG Lossless, holds raw bytes
+
+        class Broken(type(ds)):
+            @property
+            def pixel_array(self):
+                raise RuntimeError("Unable to decompress 'JPEG Lossless' pixel data because all plugins are missing")
+
+        ds.__class__ = Broken
+        return ds
+
+    monkeypatch.setattr(pydicom, "dcmread", fake_read)
+    with pytest.raises(VolumeError, match="python-gdcm"):
+        volume_mod.read_volume(tmp_path / "s")
+
+
+def test_nifti_round_trip(tmp_path):
+    nib = pytest.importorskip("nibabel")
+    hu = phantom(5, size=40).astype(np.float32)
+    hu[:, 2, 5] = 500  # an anterior, right-sided marker (row 2, column 5)
+    # radiological display (row 0 anterior, column 0 patient's right) -> RAS+ voxel array [x, y, z]
+    data = np.transpose(hu[:, ::-1, ::-1], (2, 1, 0))
+    img = nib.Nifti1Image(data.astype(np.int16), np.diag([0.8, 0.8, 3.0, 1.0]))
+    nib.save(img, tmp_path / "ct.nii.gz")
+    vol = read_volume(tmp_path / "ct.nii.gz")
+    np.testing.assert_array_equal(vol.hu, hu)
+    assert vol.spacing == pytest.approx((3.0, 0.8, 0.8))
+    nib.save(nib.Nifti1Image(np.zeros((8, 8), np.int16), np.eye(4)), tmp_path / "flat.nii")
+    with pytest.raises(VolumeError, match="3-D volume expected"):
+        read_volume(tmp_path / "flat.nii")
+
+
+def test_zip_series_and_zip_bomb(tmp_path):
+    hu = phantom(4)
+    write_series(tmp_path / "s", hu)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        for f in sorted((tmp_path / "s").iterdir()):
+            zf.write(f, f"study/{f.name}")
+    np.testing.assert_array_equal(read_series_zip(buf.getvalue()).hu, hu)
+    bomb = io.BytesIO()
+    with zipfile.ZipFile(bomb, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("zeros.dcm", b"\0" * 5_000_000)  # 5 MB of zeros deflate to a few KB
+    assert len(bomb.getvalue()) < 50_000
+    with pytest.raises(VolumeError, match="over the 1 MB limit"):
+        read_series_zip(bomb.getvalue(), max_bytes=1_000_000)
+
+
+def test_window_maps_known_hu_to_known_grey():
+    hu = np.array([-2000, -1350, -600, 150, 3000], dtype=np.float32)
+    np.testing.assert_array_equal(window(hu, -600, 1500), [0, 0, 128, 255, 255])  # -600 -> 127.5 -> 128
+    np.testing.assert_array_equal(window(np.array([-1000.0, 0.0]), -500, 1000), [0, 255])
+
+
+def test_lung_mask_selection_and_box():
+    hu = phantom(1, size=64)[0]
+    m = lung_mask(hu)
+    assert 0.08 < m.mean() < 0.3  # two lungs, not the outside air
+    assert not m[0].any() and not m[:, 0].any()
+    t, b, lft, r = lung_box(m, margin=0.0)
+    assert (t, b) == tuple(np.flatnonzero(m.any(1))[[0, -1]] + [0, 1])
+    keep = select_slices(np.array([0.0, 0.005, 0.05, 0.2, 0.21, 0.1]), 0.25)
+    assert keep.tolist() == [False, False, False, True, True, True]
+
+
+def test_aggregation_rules_on_given_scores():
+    p = [0.9, 0.1, 0.8, 0.2, 0.7, 0.3, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    assert aggregate(p, "topk", 0.25) == pytest.approx(0.8)  # top 3 of 12: (0.9 + 0.8 + 0.7) / 3
+    assert aggregate(p, "topk", 0.5) == pytest.approx((0.9 + 0.8 + 0.7 + 0.3 + 0.2 + 0.1) / 6)
+    assert aggregate(p, "mean") == pytest.approx(sum(p) / 12)
+    assert aggregate(p, "max") == 0.9
+    assert aggregate([0.5, 0.5], "noisy_or") == pytest.approx(0.75)
+    assert aggregate([0.2, 0.9], "topk", 0.1) == pytest.approx(0.55)  # fewer than 3 slices: all of them
+    with pytest.raises(ValueError):
+        aggregate(p, "median")
+
+
+def test_study_on_a_phantom_with_a_tiny_model(tmp_path, tiny_ct_predictor):
+    from covidscan.study import predict_study, write_study
+
+    hu = phantom(8, size=64)
+    hu[0] = -1000  # a slice outside the body: not scored
+    write_series(tmp_path / "s", hu)
+    res = predict_study(tiny_ct_predictor, tmp_path / "s")
+    scored = [s["probability"] for s in res.scored]
+    assert len(res.slices) == 8 and len(scored) == 7 and res.slices[0]["scored"] is False
+    assert res.probability == pytest.approx(aggregate(scored, "topk", StudyConfig().top))
+    assert res.label in tiny_ct_predictor.class_names
+    out = write_study(res, tmp_path / "out", predictor=tiny_ct_predictor, volume=read_volume(tmp_path / "s"))
+    assert (out / "slices.csv").read_text().count("\n") == 9
+    assert (out / "slices.png").stat().st_size > 1000 and (out / "montage.png").stat().st_size > 1000
+
+
+def test_find_studies_splits_series_from_images(tmp_path):
+    write_series(tmp_path / "root" / "a" / "s1", phantom(2))
+    write_series(tmp_path / "root" / "b", phantom(2))
+    (tmp_path / "root" / "x.nii.gz").write_bytes(b"")
+    from PIL import Image
+
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "root" / "slice.png")
+    studies, images = find_studies([tmp_path / "root"])
+    assert sorted(p.name for p in studies) == ["b", "s1", "x.nii.gz"]
+    assert [p.name for p in images] == ["slice.png"]
+
+
+@pytest.mark.skipif(not SHARED.is_dir(), reason="../shared/data/ct-volumes not present")
+def test_real_jpeg_lossless_series_decode():
+    vol = read_volume(SHARED / "covid" / "P001")
+    assert vol.n_slices == 74 and vol.hu.shape[1:] == (512, 512)
+    assert vol.meta["transfer_syntax"] == "1.2.840.10008.1.2.4.70"  # JPEG Lossless, decoded by python-gdcm
+    assert vol.spacing[0] == pytest.approx(4.0, abs=0.01) and vol.gaps == []
+    assert vol.hu.min() == -1024 and 1000 < vol.hu.max() < 4000
+    lung = np.mean([lung_mask(s).mean() for s in vol.hu[30:40]])
+    assert lung > 0.05  # mid-chest slices hold lung: HU are HU
+    # head-first order in slice_labels.csv is descending SliceLocation: ours runs feet -> head (ascending)
+    assert np.all(np.diff(vol.positions) > 0)
