@@ -44,7 +44,7 @@ def main() -> None:
     random.Random(0).shuffle(files)
     soares = [np.array(Image.open(f).convert("L")) for f in files[: args.soares]]
     h_soares = hist(soares)
-    vols = [read_volume(p) for p in sorted(glob.glob(str(SHARED / "ct-volumes" / "*" / "*")))  if Path(p).is_dir()]
+    vols = [read_volume(p) for p in sorted(glob.glob(str(SHARED / "ct-volumes" / "*" / "*"))) if Path(p).is_dir()]
     kept = [(v, np.flatnonzero(select_slices(lung_areas(v), StudyConfig().min_lung))) for v in vols]
     rows = []
     for c in (-700, -650, -600, -550, -500, -450, -400):
@@ -71,7 +71,7 @@ def main() -> None:
         a.axis("off")
     v, idx = kept[0]
     mid = idx[len(idx) // 2]
-    for a, (d, c, w) in zip(axes[0, 2:], [default, rows[0]]):
+    for a, (_d, c, w) in zip(axes[0, 2:], [default, rows[0]]):
         a.imshow(slice_image(v.hu[mid], StudyConfig(window_center=c, window_width=w)), cmap="gray", vmin=0, vmax=255)
         a.set_title(f"COVID-CT-MD, window {c}/{w}", fontsize=9)
         a.axis("off")
@@ -82,7 +82,9 @@ def main() -> None:
     ax.plot(x, h_soares, label="Soares training slices", lw=2)
     for d, c, w in [default, rows[0]]:
         cfg = StudyConfig(window_center=c, window_width=w)
-        ax.plot(x, hist([slice_image(v.hu[i], cfg) for v, ix in kept for i in ix[::3]]), label=f"COVID-CT-MD {c}/{w} (W1 {d:.1f})")
+        ax.plot(
+            x, hist([slice_image(v.hu[i], cfg) for v, ix in kept for i in ix[::3]]), label=f"COVID-CT-MD {c}/{w} (W1 {d:.1f})"
+        )
     ax.set(xlabel="grey level", ylabel="fraction of pixels", yscale="log")
     ax.legend(fontsize=8)
     fig.tight_layout()

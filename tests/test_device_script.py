@@ -25,8 +25,11 @@ def _pack_weights_module():
 def test_pack_weights_int8_round_trip():
     pw = _pack_weights_module()
     torch.manual_seed(0)
-    state = {"conv.weight": torch.randn(4, 3, 3, 3) * torch.tensor([1.0, 0.1, 10.0, 0.001]).view(4, 1, 1, 1),
-             "bn.running_mean": torch.randn(4), "bn.num_batches_tracked": torch.tensor(7)}
+    state = {
+        "conv.weight": torch.randn(4, 3, 3, 3) * torch.tensor([1.0, 0.1, 10.0, 0.001]).view(4, 1, 1, 1),
+        "bn.running_mean": torch.randn(4),
+        "bn.num_batches_tracked": torch.tensor(7),
+    }
     packed = pw.quantize(state)
     assert packed["conv.weight"].dtype == torch.int8
     back = pw.dequantize(packed)
@@ -50,8 +53,15 @@ def test_paper_protocol_script_smoke(tmp_path):
     data_root = os.path.relpath(tmp_path / "data", REPO)  # relative, as on the GPU machine (.gpu/data)
     scratch = tmp_path / "scratch" / "deeper"  # temporary folders at another depth than the repository
     scratch.mkdir(parents=True)
-    env = {**os.environ, "SMOKE": "1", "DATA_ROOT": data_root, "OUT": str(out), "WORK": str(tmp_path / "work"),
-           "INCEPTION_PACKED": str(packed), "TMPDIR": str(scratch)}
+    env = {
+        **os.environ,
+        "SMOKE": "1",
+        "DATA_ROOT": data_root,
+        "OUT": str(out),
+        "WORK": str(tmp_path / "work"),
+        "INCEPTION_PACKED": str(packed),
+        "TMPDIR": str(scratch),
+    }
     proc = subprocess.run(
         ["bash", "benchmarks/device/paper_protocol.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200
     )

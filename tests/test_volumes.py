@@ -17,20 +17,25 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-volumes"
 
 
 @pytest.fixture(scope="module")
-def tiny_ct_predictor(tmp_path_factory):
+def tiny_ct_checkpoint(tmp_path_factory):
     """A tiny CT slice model (1 epoch on synthetic slices): enough to run the study path end to end."""
     import torch
 
     from covidscan.engine import train
-    from covidscan.inference import Predictor
     from tests.conftest import make_folder_dataset, tiny_config
 
     root = tmp_path_factory.mktemp("ctdata")
     data = make_folder_dataset(root / "ct", classes=("covid", "normal"), per_class=6, size=48)
     torch.manual_seed(0)
     cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1})
-    result = train(cfg, data, tmp_path_factory.mktemp("ctrun") / "tiny")
-    return Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+    return train(cfg, data, tmp_path_factory.mktemp("ctrun") / "tiny").best_checkpoint
+
+
+@pytest.fixture(scope="module")
+def tiny_ct_predictor(tiny_ct_checkpoint):
+    from covidscan.inference import Predictor
+
+    return Predictor.from_checkpoint(tiny_ct_checkpoint, device="cpu")
 
 
 def phantom(n=6, size=48, seed=0) -> np.ndarray:
@@ -48,8 +53,19 @@ def phantom(n=6, size=48, seed=0) -> np.ndarray:
     return np.round(vol)
 
 
-def write_series(folder: Path, hu: np.ndarray, *, z0=-100.0, step=2.5, positions=None, series_uid=None,
-                 slope=1.0, intercept=-1024.0, names=None, shuffle=True):
+def write_series(
+    folder: Path,
+    hu: np.ndarray,
+    *,
+    z0=-100.0,
+    step=2.5,
+    positions=None,
+    series_uid=None,
+    slope=1.0,
+    intercept=-1024.0,
+    names=None,
+    shuffle=True,
+):
     """Write ``hu`` as one DICOM file per slice (uint16 stored values, rescale to HU), in a shuffled order."""
     from pydicom.dataset import Dataset, FileMetaDataset
     from pydicom.uid import ExplicitVRLittleEndian, generate_uid
@@ -261,3 +277,47 @@ def test_real_jpeg_lossless_series_decode():
     assert lung > 0.05  # mid-chest slices hold lung: HU are HU
     # head-first order in slice_labels.csv is descending SliceLocation: ours runs feet -> head (ascending)
     assert np.all(np.diff(vol.positions) > 0)
+
+
+def test_service_scores_a_zipped_study(tmp_path, tiny_ct_predictor):
+    pytest.importorskip("fastapi")
+    from fastapi.testclient import TestClient
+
+    from covidscan.serve.app import create_app
+
+    write_series(tmp_path / "s", phantom(5, size=64))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted((tmp_path / "s").iterdir()):
+            zf.write(f, f.name)
+    client = TestClient(create_app(tiny_ct_predictor, max_study_bytes=2_000_000))
+    r = client.post("/predict_study", files={"file": ("study.zip", buf.getvalue(), "application/zip")})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["n_slices"] == 5 and len(body["slices"]) == 5 and body["label"] in ("covid", "normal")
+    scored = [s["probability"] for s in body["slices"] if s["scored"]]
+    assert body["probability"] == pytest.approx(aggregate(scored, "topk", 0.25))
+    assert len(body["plot_png_base64"]) > 1000
+    r = client.post("/predict_study", files={"file": ("notes.txt", b"hello", "text/plain")})
+    assert r.status_code == 415 and "not a CT study upload" in r.json()["detail"]
+    big = b"PK\x03\x04" + b"\0" * 2_100_000
+    r = client.post("/predict_study", files={"file": ("big.zip", big, "application/zip")})
+    assert r.status_code == 413
+
+
+def test_cli_stats_and_predict_on_studies(tmp_path, tiny_ct_checkpoint, capsys):
+    from covidscan.cli import main
+
+    write_series(tmp_path / "studies" / "good", phantom(6, size=64), step=3.0)
+    write_series(tmp_path / "studies" / "mixed", phantom(3), series_uid="1.2.3.4")
+    write_series(tmp_path / "studies" / "mixed", phantom(3), series_uid="1.2.3.5", z0=50.0, names=["b0.dcm", "b1.dcm", "b2.dcm"])
+    assert main(["stats", str(tmp_path / "studies" / "good")]) == 0
+    out = capsys.readouterr().out
+    assert " 6  64x64  3.00  0.700" in out
+    rc = main(["predict", "--checkpoint", str(tiny_ct_checkpoint), str(tmp_path / "studies"), "--study-out", str(tmp_path / "o")])
+    captured = capsys.readouterr()
+    assert rc == 1  # one study failed ...
+    assert "2 series mixed" in captured.err and captured.err.count("error:") == 1
+    lines = [ln for ln in captured.out.splitlines() if "p(covid)=" in ln]
+    assert len(lines) == 1 and lines[0].startswith(str(tmp_path / "studies" / "good"))  # ... the other one is kept
+    assert (tmp_path / "o" / "good" / "slices.csv").is_file() and (tmp_path / "o" / "good" / "montage.png").is_file()

@@ -27,7 +27,7 @@ from scipy import ndimage
 
 from covidscan.config import StudyConfig
 from covidscan.data.io import ScanImage
-from covidscan.data.volume import Volume, read_volume
+from covidscan.data.volume import Volume, is_studies_folder, read_volume  # noqa: F401 (is_studies_folder re-exported)
 
 FRAME_MARGIN = 0.12
 MIN_LUNG_PIXELS = 0.01
@@ -180,6 +180,26 @@ def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: in
     return StudyResult(vol.source, p, label, positive, cfg.rule, rows, vol.summary(), warnings)
 
 
+def plot_study(result: StudyResult, dest) -> None:
+    """The COVID probability of each scored slice along the body axis, the study score as a line;
+    ``dest``: a path or a binary file object (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    s = result.scored
+    fig, ax = plt.subplots(figsize=(7, 3))
+    ax.plot([r["position_mm"] for r in s], [r["probability"] for r in s], "o-", ms=3)
+    ax.axhline(result.probability, color="tab:red", ls="--", label=f"study {result.rule}: {result.probability:.2f}")
+    ax.set(xlabel="slice position along the body axis (mm, feet -> head)", ylabel=f"p({result.positive_class})", ylim=(0, 1))
+    ax.set_title(Path(result.study).name, fontsize=9)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(dest, dpi=110, format="png")
+    plt.close(fig)
+
+
 def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | None = None, montage: int = 6) -> Path:
     """``slices.csv``, ``study.json``, ``slices.png`` (probability along the body axis) and, with the predictor
     and volume, ``montage.png`` (the highest-scoring slices with Grad-CAM) in ``out``."""
@@ -198,15 +218,7 @@ def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | No
         w.writerows(result.slices)
     write_json(result.to_dict(), out / "study.json")
     s = result.scored
-    fig, ax = plt.subplots(figsize=(7, 3))
-    ax.plot([r["position_mm"] for r in s], [r["probability"] for r in s], "o-", ms=3)
-    ax.axhline(result.probability, color="tab:red", ls="--", label=f"study {result.rule}: {result.probability:.2f}")
-    ax.set(xlabel="slice position along the body axis (mm, feet -> head)", ylabel=f"p({result.positive_class})", ylim=(0, 1))
-    ax.set_title(Path(result.study).name, fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "slices.png", dpi=110)
-    plt.close(fig)
+    plot_study(result, out / "slices.png")
     if predictor is not None and volume is not None and s:
         from covidscan.explain import overlay
 
@@ -250,17 +262,6 @@ def find_studies(paths) -> tuple[list[Path], list[Path]]:
     for p in paths:
         visit(Path(p))
     return studies, images
-
-
-def is_studies_folder(path) -> bool:
-    """A folder whose ``manifest.csv`` lists CT series (a ``series`` column), like ``ct-volumes``."""
-    m = Path(path) / "manifest.csv"
-    if Path(path).is_file() and Path(path).name == "manifest.csv":
-        m = Path(path)
-    if not m.is_file():
-        return False
-    with open(m, newline="", encoding="utf-8-sig") as fh:
-        return "series" in (csv.DictReader(fh).fieldnames or [])
 
 
 def _auroc(pos, neg) -> float | None:

@@ -12,8 +12,14 @@ logger = logging.getLogger("covidscan")
 
 def cmd_stats(args) -> int:
     from covidscan.data import compute_stats, format_stats, load_dataset
+    from covidscan.data.volume import format_volume_stats, is_studies_folder, is_volume_path, study_paths, volume_stats
     from covidscan.results import dumps
 
+    data = args.data if isinstance(args.data, list) else [args.data]
+    if len(data) == 1 and (is_studies_folder(data[0]) or is_volume_path(data[0])):  # CT studies: per-volume facts
+        rows = volume_stats(study_paths(data[0]))
+        print(dumps(rows, indent=2) if args.json else format_volume_stats(rows))
+        return 0
     index = load_dataset(args.data, args.task)
     stats = compute_stats(index, original=args.original, strict=args.strict)
     print(dumps(stats.to_dict(), indent=2) if args.json else format_stats(stats))

@@ -105,6 +105,61 @@ def is_volume_path(path: Path) -> bool:
     return is_series_folder(path) or (path.is_file() and (is_nifti(path) or path.suffix.lower() == ".zip"))
 
 
+def is_studies_folder(path) -> bool:
+    """A folder (or its ``manifest.csv``) whose manifest lists CT series (a ``series`` column), like ``ct-volumes``."""
+    import csv
+
+    p = Path(path)
+    m = p if p.is_file() and p.name == "manifest.csv" else p / "manifest.csv"
+    if not m.is_file():
+        return False
+    with open(m, newline="", encoding="utf-8-sig") as fh:
+        return "series" in (csv.DictReader(fh).fieldnames or [])
+
+
+def study_paths(path) -> list[Path]:
+    """The studies under ``path``: the manifest's series for a studies folder, else series folders and
+    NIfTI / zip files found by walking it (``path`` itself when it is one)."""
+    import csv
+
+    p = Path(path)
+    if is_studies_folder(p):
+        root = p.parent if p.is_file() else p
+        with open(root / "manifest.csv", newline="", encoding="utf-8-sig") as fh:
+            return [root / r["series"] for r in csv.DictReader(fh)]
+    if is_series_folder(p) or (p.is_file() and (is_nifti(p) or p.suffix.lower() == ".zip")):
+        return [p]
+    out = []
+    for child in sorted(p.iterdir()) if p.is_dir() else []:
+        if not child.name.startswith("."):
+            out += study_paths(child)
+    return out
+
+
+def volume_stats(paths) -> list[dict]:
+    """One row per study: slices, size, spacing, HU range, gaps, how it was sorted, transfer syntax."""
+    rows = []
+    for p in paths:
+        v = read_volume(p)
+        rows.append({
+            "study": str(p), "slices": v.n_slices, "rows": int(v.hu.shape[1]), "columns": int(v.hu.shape[2]),
+            "slice_step_mm": round(v.spacing[0], 3), "pixel_spacing_mm": [round(v.spacing[1], 4), round(v.spacing[2], 4)],
+            "hu_min": float(v.hu.min()), "hu_max": float(v.hu.max()), "hu_mean": round(float(v.hu.mean()), 1),
+            "gaps": len(v.gaps), "sorted_by": v.meta.get("sorted_by", "nifti"), "transfer_syntax": v.meta.get("transfer_syntax", ""),
+        })  # fmt: skip
+    return rows
+
+
+def format_volume_stats(rows: list[dict]) -> str:
+    lines = ["study  slices  size  step mm  pixel mm  HU min..max (mean)  gaps  sorted by"]
+    for r in rows:
+        lines.append(
+            f"{r['study']}  {r['slices']}  {r['rows']}x{r['columns']}  {r['slice_step_mm']:.2f}  "
+            f"{r['pixel_spacing_mm'][0]:.3f}  {r['hu_min']:.0f}..{r['hu_max']:.0f} ({r['hu_mean']:.0f})  {r['gaps']}  {r['sorted_by']}"
+        )
+    return "\n".join(lines)
+
+
 def read_volume(path, *, max_zip_bytes: int = MAX_ZIP_BYTES) -> Volume:
     """A series folder, a NIfTI file or a zipped series -> :class:`Volume` (Raises: VolumeError)."""
     path = Path(path)
@@ -118,6 +173,22 @@ def read_volume(path, *, max_zip_bytes: int = MAX_ZIP_BYTES) -> Volume:
     if path.suffix.lower() == ".zip":
         return read_series_zip(path.read_bytes(), str(path), max_bytes=max_zip_bytes)
     raise VolumeError(path, "not a CT study: expected a DICOM series folder, a .nii / .nii.gz file or a .zip of a series")
+
+
+def read_volume_bytes(data: bytes, name: str, *, max_zip_bytes: int = MAX_ZIP_BYTES) -> Volume:
+    """An uploaded study: a zip of a DICOM series, or a NIfTI file (``name`` ends in .nii / .nii.gz)."""
+    if data[:4] == b"PK\x03\x04":
+        return read_series_zip(data, name, max_bytes=max_zip_bytes)
+    if is_nifti(Path(name)):
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:  # nibabel reads files; the upload's name keeps its .gz
+            path = Path(tmp) / ("study.nii.gz" if name.lower().endswith(".gz") else "study.nii")
+            path.write_bytes(data)
+            vol = read_nifti(path)
+        vol.source = name
+        return vol
+    raise VolumeError(name, "not a CT study upload: a .zip of one DICOM series or a .nii / .nii.gz file expected")
 
 
 def read_series_zip(data: bytes, name: str = "<upload>", *, max_bytes: int = MAX_ZIP_BYTES) -> Volume:
@@ -173,7 +244,9 @@ def series_from_files(items, study: str) -> Volume:
         raise VolumeError(study, "no DICOM images found (a CT study is a folder of DICOM slices, a .nii / .nii.gz or a .zip)")
     series = {str(getattr(ds, "SeriesInstanceUID", "")) for _, ds in headers}
     if len(series) > 1:
-        raise VolumeError(study, f"{len(series)} series mixed in one folder ({', '.join(sorted(series)[:2])}...): one series per folder")
+        raise VolumeError(
+            study, f"{len(series)} series mixed in one folder ({', '.join(sorted(series)[:2])}...): one series per folder"
+        )
     if len(headers) < 2:
         raise VolumeError(study, "a single slice is not a volume (read it as an image instead)")
     normal = _slice_normal(headers[0][1])
@@ -209,7 +282,9 @@ def series_from_files(items, study: str) -> Volume:
     step = float(np.median(steps)) if len(steps) else 0.0
     gaps = [(int(i), float(s)) for i, s in enumerate(steps) if step > 0 and s > 1.5 * step]
     if gaps:
-        logger.warning("%s: %d gap(s) between slices (largest %.1f mm, usual step %.1f mm)", study, len(gaps), max(s for _, s in gaps), step)
+        logger.warning(
+            "%s: %d gap(s) between slices (largest %.1f mm, usual step %.1f mm)", study, len(gaps), max(s for _, s in gaps), step
+        )
     first = headers[order[0]][1]
     ps = [float(v) for v in getattr(first, "PixelSpacing", [1.0, 1.0])]
     meta = {

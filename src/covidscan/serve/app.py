@@ -2,7 +2,8 @@
 
 Endpoints: ``POST /predict`` (multipart field ``file``: PNG / JPEG / DICOM, sniffed from
 the content, never the name; ``?heatmap=true`` adds a Grad-CAM PNG as base64,
-``&target=<class>`` picks its class), ``GET /health``, ``GET /`` (an upload page) and the
+``&target=<class>`` picks its class), ``POST /predict_study`` (CT models: a zip of a DICOM series
+or a NIfTI file -> one patient result, covidscan.study), ``GET /health``, ``GET /`` (an upload page) and the
 OpenAPI schema at ``/openapi.json`` (docs at ``/docs``). The body limit is enforced while
 the request is read (:class:`BodyLimit`, an ASGI middleware): a declared Content-Length over
 the limit is refused at once, and a chunked body is counted and cut off at the limit, so no
@@ -19,6 +20,7 @@ from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.explain import low_probability_warning
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes
+DEFAULT_MAX_STUDY = 300 * 1024 * 1024  # a zipped CT series (also the limit on its uncompressed size x 3)
 MULTIPART_SLACK = 64 * 1024  # form boundaries and headers around the file
 
 
@@ -31,11 +33,11 @@ class BodyLimit:
     app still tries to send.
     """
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, path_limits: dict | None = None):
+        self.app, self.max_bytes, self.path_limits = app, max_bytes, dict(path_limits or {})
 
-    async def _reject(self, send) -> None:
-        body = b'{"detail":"upload larger than the limit of %d bytes"}' % self.max_bytes
+    async def _reject(self, send, limit: int) -> None:
+        body = b'{"detail":"upload larger than the limit of %d bytes"}' % limit
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(body)).encode()),
@@ -47,9 +49,10 @@ class BodyLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        limit = self.path_limits.get(scope.get("path"), self.max_bytes)
         length = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if length.isdigit() and int(length) > self.max_bytes:
-            return await self._reject(send)
+        if length.isdigit() and int(length) > limit:
+            return await self._reject(send, limit)
         seen, rejected = 0, False
 
         async def counted_receive():
@@ -59,9 +62,9 @@ class BodyLimit:
             message = await receive()
             if message["type"] == "http.request":
                 seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
+                if seen > limit:
                     rejected = True
-                    await self._reject(send)
+                    await self._reject(send, limit)
                     return {"type": "http.disconnect"}
             return message
 
@@ -91,9 +94,17 @@ class TokenGuard:
         await self.app(scope, receive, send)
 
 
-def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pending: int = 8, token: str | None = None):
+def create_app(
+    predictor,
+    *,
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD,
+    max_pending: int = 8,
+    token: str | None = None,
+    max_study_bytes: int = DEFAULT_MAX_STUDY,
+):
     """The app; ``max_pending`` predictions may wait or run at once (more get 503 with Retry-After),
-    ``token`` (when given) is required on every path but ``/health``."""
+    ``token`` (when given) is required on every path but ``/health``; CT models also take whole studies
+    at ``POST /predict_study`` (a zip of a DICOM series or a NIfTI file, at most ``max_study_bytes``)."""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
     from fastapi.responses import HTMLResponse
@@ -106,7 +117,9 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pen
         redoc_url=None,
     )
     _offline_docs(app)
-    app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK)
+    app.add_middleware(
+        BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, path_limits={"/predict_study": max_study_bytes + MULTIPART_SLACK}
+    )
     if token:
         app.add_middleware(TokenGuard, token=token)
     pending = {"n": 0}  # predictions admitted and not finished (one event loop: no lock needed)
@@ -168,6 +181,37 @@ def create_app(predictor, *, max_upload_bytes: int = DEFAULT_MAX_UPLOAD, max_pen
                 cam, cls = await run_in_threadpool(predictor.explain, scan, target)
                 result["heatmap"] = {"class": cls, "png_base64": _overlay_png(scan.pixels, cam), "warning": warning}
         return result
+
+    @app.post("/predict_study")
+    async def predict_study_endpoint(file: UploadFile = File(...)) -> dict:
+        """A CT study: a zip of one DICOM series or a .nii / .nii.gz file -> one patient result, per-slice
+        probabilities and a plot of them along the body axis (PNG, base64)."""
+        if predictor.task != "ct":
+            raise HTTPException(422, f"this model is for {predictor.task}; CT studies need a CT model")
+        if pending["n"] >= max_pending:
+            raise HTTPException(503, f"busy: {max_pending} predictions already running or waiting", headers={"Retry-After": "5"})
+        pending["n"] += 1
+        try:
+            return await _predict_study(file)
+        finally:
+            pending["n"] -= 1
+
+    async def _predict_study(file) -> dict:
+        from covidscan.data.volume import VolumeError, read_volume_bytes
+        from covidscan.study import plot_study, predict_study
+
+        data = await file.read(max_study_bytes + 1)
+        if len(data) > max_study_bytes:
+            raise HTTPException(413, f"upload larger than the {max_study_bytes} byte limit")
+        name = file.filename or "upload"
+        try:
+            vol = await run_in_threadpool(read_volume_bytes, data, name, max_zip_bytes=3 * max_study_bytes)
+            res = await run_in_threadpool(predict_study, predictor, vol)
+        except VolumeError as exc:
+            raise HTTPException(415, str(exc)) from None
+        buf = io.BytesIO()
+        await run_in_threadpool(plot_study, res, buf)
+        return {**res.to_dict(), "slices": res.slices, "plot_png_base64": base64.b64encode(buf.getvalue()).decode()}
 
     return app
 
