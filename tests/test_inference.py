@@ -245,6 +245,47 @@ def test_body_limit_is_enforced_while_reading(predictor):
     assert run([(b"content-length", b"30000")], [b"x" * 300] * 100) == ([413], 0)  # never read at all
 
 
+def test_stalled_upload_gets_408_and_frees_the_app():
+    import asyncio
+    import time
+
+    from covidscan.serve.app import StallGuard
+
+    seen = {"chunks": 0, "disconnect": False}
+
+    async def app(scope, receive, send):  # reads the body until it ends or the client is gone
+        while True:
+            msg = await receive()
+            if msg["type"] == "http.disconnect":
+                seen["disconnect"] = True
+                return
+            seen["chunks"] += 1
+            if not msg.get("more_body"):
+                break
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    def run(stall: bool):
+        sent, n = [], {"i": 0}
+
+        async def receive():  # one chunk, then (stall) nothing ever again
+            n["i"] += 1
+            if n["i"] == 1:
+                return {"type": "http.request", "body": b"x" * 10, "more_body": stall}
+            await asyncio.sleep(3600)
+
+        async def send(msg):
+            sent.append(msg)
+
+        t = time.perf_counter()
+        asyncio.run(StallGuard(app, 0.2)({"type": "http", "headers": []}, receive, send))
+        return [m["status"] for m in sent if m["type"] == "http.response.start"], time.perf_counter() - t
+
+    assert run(stall=False)[0] == [200]
+    status, took = run(stall=True)
+    assert status == [408] and took < 5 and seen["disconnect"]
+
+
 def test_oversize_upload_through_the_app(predictor):
     from fastapi.testclient import TestClient
 

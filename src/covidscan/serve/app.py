@@ -75,6 +75,47 @@ class BodyLimit:
         await self.app(scope, counted_receive, guarded_send)
 
 
+class StallGuard:
+    """ASGI middleware: a request whose body stops arriving for ``timeout`` seconds gets 408 and is dropped
+    (slow or stalled uploads cannot hold a worker and a prediction slot forever). Slow headers are the
+    server's part: uvicorn closes idle keep-alive connections after ``timeout_keep_alive``; put a reverse proxy
+    (client_header_timeout) in front of a service that faces the internet."""
+
+    def __init__(self, app, timeout: float):
+        self.app, self.timeout = app, timeout
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        import asyncio
+
+        state = {"stalled": False, "started": False}
+
+        async def timed_receive():
+            if state["stalled"]:
+                return {"type": "http.disconnect"}
+            try:
+                return await asyncio.wait_for(receive(), self.timeout)
+            except asyncio.TimeoutError:
+                state["stalled"] = True
+                if not state["started"]:
+                    body = b'{"detail":"upload stalled: no data for %g seconds"}' % self.timeout
+                    headers = [(b"content-type", b"application/json"), (b"connection", b"close")]
+                    await send({"type": "http.response.start", "status": 408, "headers": headers})
+                    await send({"type": "http.response.body", "body": body})
+                    state["started"] = True
+                return {"type": "http.disconnect"}
+
+        async def guarded_send(message):
+            if state["stalled"]:
+                return
+            if message["type"] == "http.response.start":
+                state["started"] = True
+            await send(message)
+
+        await self.app(scope, timed_receive, guarded_send)
+
+
 class TokenGuard:
     """ASGI middleware: every path but ``/health`` needs ``Authorization: Bearer <token>`` or ``?token=<token>``."""
 
@@ -101,9 +142,11 @@ def create_app(
     max_pending: int = 8,
     token: str | None = None,
     max_study_bytes: int = DEFAULT_MAX_STUDY,
+    body_timeout: float = 30.0,
 ):
     """The app; ``max_pending`` predictions may wait or run at once (more get 503 with Retry-After),
-    ``token`` (when given) is required on every path but ``/health``; CT models also take whole studies
+    ``token`` (when given) is required on every path but ``/health``; a body with no data for ``body_timeout``
+    seconds gets 408 (:class:`StallGuard`); CT models also take whole studies
     at ``POST /predict_study`` (a zip of a DICOM series or a NIfTI file, at most ``max_study_bytes``)."""
     from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile
     from fastapi.concurrency import run_in_threadpool
@@ -120,6 +163,7 @@ def create_app(
     app.add_middleware(
         BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, path_limits={"/predict_study": max_study_bytes + MULTIPART_SLACK}
     )
+    app.add_middleware(StallGuard, timeout=body_timeout)
     if token:
         app.add_middleware(TokenGuard, token=token)
     pending = {"n": 0}  # predictions admitted and not finished (one event loop: no lock needed)
