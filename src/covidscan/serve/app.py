@@ -96,7 +96,7 @@ class StallGuard:
                 return {"type": "http.disconnect"}
             try:
                 return await asyncio.wait_for(receive(), self.timeout)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 state["stalled"] = True
                 if not state["started"]:
                     body = b'{"detail":"upload stalled: no data for %g seconds"}' % self.timeout
