@@ -77,6 +77,13 @@ def test_grad_cam_every_backbone(backbone):
     for cam in cams:
         assert cam.shape == (50, 70) and np.isfinite(cam).all() and cam.min() >= 0 and cam.max() <= 1
     assert not np.allclose(cams[0], cams[1]) or not np.allclose(cams[1], cams[2])
+    # only the hooked activation's gradient is computed: no weight gradient is allocated or kept (the service's
+    # memory rose with every heat map while backward() filled one .grad per weight)
+    assert all(p.grad is None for p in model.parameters())
+    for p in model.parameters():  # frozen weights still give a map
+        p.requires_grad_(False)
+    cam, _ = grad_cam(model, x, 0, size=(50, 70))
+    np.testing.assert_allclose(cam, cams[0], atol=1e-5)
 
 
 def test_explain_cli(trained_run, tmp_path, capsys):

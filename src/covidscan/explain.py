@@ -33,21 +33,21 @@ def grad_cam(
 
     def hook(_module, _inp, out):
         store["act"] = out
-        out.register_hook(lambda g: store.__setitem__("grad", g))
 
     handle = layer.register_forward_hook(hook)
     was_training = model.training
     model.eval()
     try:
         with torch.enable_grad():
-            logits = model(x)
+            logits = model(x.detach().requires_grad_(True))  # the activation needs a graph even with frozen weights
             k = int(logits.argmax(1).item()) if class_index is None else int(class_index)
-            model.zero_grad(set_to_none=True)
-            logits[0, k].backward()
+            # the gradient of the class score with respect to the hooked activation only: no parameter .grad is
+            # allocated (a backward() would fill, and keep, one gradient per weight: 14 MB per EfficientNet-Lite0)
+            (grad,) = torch.autograd.grad(logits[0, k], store["act"])
     finally:
         handle.remove()
         model.train(was_training)
-    act, grad = store["act"].detach(), store["grad"].detach()  # 1 x C x h x w
+    act, grad = store["act"].detach(), grad.detach()  # 1 x C x h x w
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * act).sum(1, keepdim=True))  # 1 x 1 x h x w
     out_size = size or tuple(x.shape[-2:])
