@@ -1,5 +1,7 @@
 """The upload page, driven in Debian's headless Chromium by Playwright, against a real server."""
 
+import base64
+import json
 import os
 import shutil
 import socket
@@ -64,7 +66,6 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
     from playwright.sync_api import sync_playwright
 
     url, data = server
-    scan = next((data / "pneumonia").glob("*.png"))
     ARTIFACTS.mkdir(exist_ok=True)
     with sync_playwright() as p:
         browser = p.chromium.launch(
@@ -79,28 +80,65 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
                 "--no-first-run",
             ],
         )
-        page = browser.new_page()
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
         page.goto(url + "/")
         assert "Research use only" in page.content()
-        page.set_input_files("#file", str(scan))
+        # model information from GET /model
+        page.click("details#model summary")
+        page.wait_for_selector("#model-info dt", timeout=30_000)
+        info = page.locator("#model-info").inner_text()
+        assert "efficientnet_lite0" in info and "weights" in info and "training images" in info
+        # several files at once through the picker: one card each, original and heat map side by side
+        scans = sorted((data / "pneumonia").glob("*.png"))[:2]
+        page.set_input_files("#file", [str(f) for f in scans])
         page.click("#submit")
-        page.wait_for_selector("#status:text('done')", timeout=60_000)
-        rows = page.locator("tr.prob-row")
-        assert rows.count() == 3
-        names = [rows.nth(i).locator("td").first.inner_text() for i in range(3)]
-        assert names == ["covid", "pneumonia", "normal"]
-        pcts = [float(rows.nth(i).locator("td").nth(1).inner_text().rstrip("%")) for i in range(3)]
-        assert abs(sum(pcts) - 100) < 0.5
-        assert page.locator("#label").inner_text() in names
-        assert page.locator("#cam").is_visible()
-        assert page.evaluate("document.getElementById('cam').naturalWidth") > 10
+        page.wait_for_selector("#status:text('done')", timeout=90_000)
+        cards = page.locator(".card.result")
+        assert cards.count() == 2
+        for i in range(2):
+            rows = cards.nth(i).locator("tr.prob-row")
+            assert [rows.nth(k).locator("td").first.inner_text() for k in range(3)] == ["covid", "pneumonia", "normal"]
+            pcts = [float(rows.nth(k).locator("td").nth(1).inner_text().rstrip("%")) for k in range(3)]
+            assert abs(sum(pcts) - 100) < 0.5
+            assert cards.nth(i).locator("img.original").is_visible() and cards.nth(i).locator(".colorbar").is_visible()
+            assert page.evaluate(f"document.querySelectorAll('.card.result img.cam')[{i}].naturalWidth") > 10
+        # the opacity slider changes the map's opacity
+        cards.nth(0).locator("input.opacity").fill("90")
+        assert float(cards.nth(0).locator("img.cam").evaluate("e => e.style.opacity")) == 0.9
         page.screenshot(path=str(ARTIFACTS / "upload_page.png"), full_page=True)
-        # a text file named .png gets a clear error on the page, not a crash
+        # drag and drop: a DataTransfer holding a file dropped on the drop zone
+        b64 = base64.b64encode(scans[0].read_bytes()).decode()
+        page.evaluate(
+            """b64 => { const bytes = Uint8Array.from(atob(b64), c => c.charCodeAt(0));
+                 const dt = new DataTransfer(); dt.items.add(new File([bytes], "dropped.png", { type: "image/png" }));
+                 document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true })); }""",
+            b64,
+        )
+        page.wait_for_function("document.querySelectorAll('.card.result').length === 3", timeout=60_000)
+        assert page.locator(".card.result h3").first.inner_text() == "dropped.png"
+        # a text file named .png: a failed card in plain words, not a crash; the others stay
         bad = ARTIFACTS / "not_an_image.png"
         bad.write_text("plain text")
         page.set_input_files("#file", str(bad))
         page.click("#submit")
-        page.wait_for_selector("#error:text('error')", timeout=30_000)
-        assert "not a readable" in page.locator("#error").inner_text()
+        page.wait_for_selector(".card.failed", timeout=30_000)
+        assert "not a readable" in page.locator(".card.failed").inner_text() and "BytesIO" not in page.content()
+        assert page.locator(".card.result").count() == 3
+        # results download as JSON (and CSV)
+        with page.expect_download() as dl:
+            page.click("#dl-json")
+        rows = json.loads(Path(dl.value.path()).read_text())
+        assert len(rows) == 4 and sum("error" in r for r in rows) == 1 and rows[0]["label"] in ("covid", "pneumonia", "normal")
+        with page.expect_download() as dl:
+            page.click("#dl-csv")
+        assert Path(dl.value.path()).read_text().splitlines()[0].startswith('"file","label","covid"')
+        # a phone-width viewport lays out at its own width
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(url + "/")
+        phone.set_input_files("#file", str(scans[1]))
+        phone.click("#submit")
+        phone.wait_for_selector("#status:text('done')", timeout=60_000)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        phone.screenshot(path=str(ARTIFACTS / "upload_page_mobile.png"), full_page=True)
         browser.close()
-    assert (ARTIFACTS / "upload_page.png").stat().st_size > 5000
+    assert (ARTIFACTS / "upload_page.png").stat().st_size > 5000 and (ARTIFACTS / "upload_page_mobile.png").stat().st_size > 5000

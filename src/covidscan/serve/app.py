@@ -179,6 +179,29 @@ def create_app(
             "weights_source": predictor.meta.weights_source,
         }
 
+    @app.get("/model")
+    def model_info() -> dict:
+        """What the page shows about the model: task, classes, architecture, weights, training data, validation
+        metrics and the calibrated threshold (all from the checkpoint)."""
+        m = predictor.meta
+        return {
+            "task": m.task,
+            "classes": list(m.class_names),
+            "backbone": m.backbone,
+            "head": m.head,
+            "description": m.extra.get("description", ""),
+            "weights_source": m.weights_source,
+            "image_size": m.preprocess.image_size,
+            "train_counts": m.train_counts,
+            "sources": m.sources,
+            "split_protocol": m.split_protocol,
+            "epoch": m.epoch,
+            "val_metrics": m.val_metrics,
+            "threshold": m.threshold,
+            "versions": m.versions,
+            "studies": m.task == "ct",
+        }
+
     @app.get("/", response_class=HTMLResponse)
     def index() -> str:
         # values from the checkpoint are text, never markup: escaped so a class name cannot inject script
@@ -193,16 +216,17 @@ def create_app(
         heatmap: bool = Query(False),
         target: str | None = Query(None, description="class for the heat map (default: predicted)"),
         force_heatmap: bool = Query(False, description="draw the heat map even for a class of probability < 0.1"),
+        preview: bool = Query(False, description="add the decoded scan as a gray PNG (base64; DICOM previews)"),
     ) -> dict:
         if pending["n"] >= max_pending:
             raise HTTPException(503, f"busy: {max_pending} predictions already running or waiting", headers={"Retry-After": "5"})
         pending["n"] += 1
         try:
-            return await _predict(file, heatmap, target, force_heatmap)
+            return await _predict(file, heatmap, target, force_heatmap, preview)
         finally:
             pending["n"] -= 1
 
-    async def _predict(file, heatmap: bool, target: str | None, force_heatmap: bool) -> dict:
+    async def _predict(file, heatmap: bool, target: str | None, force_heatmap: bool, preview: bool = False) -> dict:
         data = await file.read(max_upload_bytes + 1)
         if len(data) > max_upload_bytes:
             raise HTTPException(413, f"upload larger than the {max_upload_bytes} byte limit")
@@ -223,7 +247,12 @@ def create_app(
                 result["heatmap"] = {"class": cls, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
             else:
                 cam, cls = await run_in_threadpool(predictor.explain, scan, target)
-                result["heatmap"] = {"class": cls, "png_base64": _overlay_png(scan.pixels, cam), "warning": warning}
+                result["heatmap"] = {
+                    "class": cls, "png_base64": _overlay_png(scan.pixels, cam), "warning": warning,
+                    "map_png_base64": _map_png(cam),  # the map alone (jet, RGBA): the page lays it over the original
+                }  # fmt: skip
+        if heatmap or preview:
+            result["original_png_base64"] = await run_in_threadpool(_gray_png, scan.pixels)  # DICOM too
         return result
 
     @app.post("/predict_study")
@@ -267,6 +296,34 @@ def _overlay_png(pixels, cam) -> str:
 
     buf = io.BytesIO()
     Image.fromarray(overlay(pixels, cam)).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _gray_png(pixels) -> str:
+    """The decoded scan as an 8-bit gray PNG at display size (at most DISPLAY_MAX on the longer side)."""
+    import numpy as np
+    from PIL import Image
+
+    from covidscan.explain import display_size
+
+    g = pixels if pixels.ndim == 2 else pixels.mean(2)
+    img = Image.fromarray((np.clip(g, 0, 1) * 255).astype(np.uint8))
+    h, w = display_size(*g.shape)
+    if (h, w) != g.shape:
+        img = img.resize((w, h), Image.BILINEAR)
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def _map_png(cam) -> str:
+    import matplotlib
+    import numpy as np
+    from PIL import Image
+
+    rgba = (matplotlib.colormaps["jet"](cam) * 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(rgba, mode="RGBA").save(buf, format="PNG")
     return base64.b64encode(buf.getvalue()).decode()
 
 
