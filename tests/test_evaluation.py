@@ -22,6 +22,43 @@ def test_evaluate_writes_report_and_figures(trained_run, tmp_path):
     lo, hi = m["ci95"]["accuracy"]
     assert lo <= m["metrics"]["accuracy"] <= hi
     assert r.bootstrap["unit"] == "patient group"
+    # one self-contained HTML file: every figure linked from report.md embedded, nothing fetched from elsewhere
+    html = (out / "report.html").read_text()
+    for fig in ("confusion.png", "roc.png", "reliability.png", "grid.png"):
+        assert f"]({fig})" in report
+    assert html.count('src="data:image/png;base64,') == 4 and "http://" not in html and "https://" not in html
+    assert "<table>" in html and "<th>class</th>" in html
+
+
+def test_grid_shows_mistakes_first():
+    from covidscan.reports import grid_picks
+
+    y = np.array([0, 0, 1, 1, 2, 2, 0, 1])
+    probs = np.eye(3)[[0, 1, 1, 0, 2, 2, 2, 1]] * 0.5 + 0.5 / 3  # mistakes at 1, 3 and 6
+    probs[3, 0] += 0.1  # the most confident mistake
+    picks = grid_picks(y, probs, 5)
+    assert picks[0] == 3 and set(picks[:3]) == {1, 3, 6} and len(set(picks)) == 5
+    assert set(picks[3:]) <= {0, 2, 4, 5, 7}
+    assert len(grid_picks(y, probs, 2)) == 2 and set(grid_picks(y, probs, 2)) <= {1, 3, 6}
+    random_picks = [tuple(grid_picks(y, probs, 3, errors_first=False, seed=s)) for s in range(20)]
+    assert any(not set(p) & {1, 3, 6} for p in random_picks)  # the paper's random draw: not mistakes by design
+
+
+def test_roc_band_brackets_the_curve():
+    from sklearn.metrics import roc_curve
+
+    from covidscan.reports import roc_band
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 400)
+    score = y + rng.normal(0, 0.8, 400)
+    grid, lo, hi = roc_band(y, score, n_boot=200)
+    fpr, tpr, _ = roc_curve(y, score)
+    curve = np.interp(grid, fpr, tpr)
+    assert np.all(lo <= hi) and np.mean((lo <= curve + 1e-9) & (curve <= hi + 1e-9)) > 0.95
+    assert 0.02 < np.mean(hi - lo) < 0.3  # a band, not a line and not the whole square
+    _, lo_small, hi_small = roc_band(y[:60], score[:60], n_boot=200)
+    assert np.mean(hi_small - lo_small) > np.mean(hi - lo)  # fewer images, wider band
 
 
 def test_external_set_with_missing_class(trained_run, tmp_path, capsys):

@@ -126,9 +126,11 @@ def evaluate(
     progress: bool = False,
     seed: int = 0,
     tta: bool = False,
+    grid_errors_first: bool = True,
 ) -> EvaluationResult:
-    """Evaluate; with ``out`` write ``metrics.json``, ``report.md`` and PNG figures there.
-    ``tta``: average each image's probabilities with its mirror image's."""
+    """Evaluate; with ``out`` write ``metrics.json``, ``report.md``, ``report.html`` and PNG figures there.
+    ``tta``: average each image's probabilities with its mirror image's; ``grid``: that many test scans drawn,
+    mistakes first (``grid_errors_first=False``: at random, as the paper's figure)."""
     checkpoint = Path(checkpoint)
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
@@ -146,7 +148,7 @@ def evaluate(
         seed=seed,
     )
     if out is not None:
-        write_evaluation(result, preds, Path(out), grid=grid, seed=seed)
+        write_evaluation(result, preds, Path(out), grid=grid, seed=seed, errors_first=grid_errors_first)
     return result
 
 

@@ -118,8 +118,10 @@ def evaluation_markdown(r: EvaluationResult) -> str:
         lines.append(f"| {n} | " + " | ".join(str(v) for v in row) + " |")
     if r.skipped:
         lines += ["", f"{len(r.skipped)} unreadable image(s) skipped:"] + [f"- {s['path']}: {s['reason']}" for s in r.skipped]
-    figures = ["confusion.png", "roc.png", "reliability.png"] + (["grid.png"] if r.grid else [])
-    lines += ["", "Per-image predictions: `predictions.csv`. Figures: " + ", ".join(f"`{f}`" for f in figures)]
+    figures = [("confusion matrix", "confusion.png"), ("ROC", "roc.png"), ("reliability", "reliability.png")]
+    figures += [("test scans, mistakes first", "grid.png")] if r.grid else []
+    lines += ["", "Per-image predictions: `predictions.csv`; the same report with the figures inside: `report.html`.", ""]
+    lines += [f"![{alt}]({f})" for alt, f in figures]
     return "\n".join(lines) + "\n"
 
 
@@ -133,19 +135,26 @@ def write_predictions_csv(preds, names, path: Path) -> Path:
     return path
 
 
-def write_evaluation(result: EvaluationResult, preds, out: Path, *, grid: int = 0, seed: int = 0) -> None:
-    """``metrics.json`` (strict JSON), ``report.md``, ``predictions.csv`` and the figures in ``out``."""
+def write_evaluation(
+    result: EvaluationResult, preds, out: Path, *, grid: int = 0, seed: int = 0, errors_first: bool = True
+) -> None:
+    """``metrics.json`` (strict JSON), ``report.md``, ``report.html`` (self-contained), ``predictions.csv`` and
+    the figures in ``out``."""
     out.mkdir(parents=True, exist_ok=True)
     names = result.class_names
     _plot_confusion(np.asarray(result.metrics["confusion"]), names, out / "confusion.png")
     _plot_roc(preds.y, preds.probs, names, out / "roc.png")
     _plot_reliability(result.reliability, result.ece, out / "reliability.png")
     if grid:
-        prediction_grid(preds, names, out / "grid.png", n=grid, seed=seed)
+        prediction_grid(preds, names, out / "grid.png", n=grid, seed=seed, errors_first=errors_first)
         result.grid = "grid.png"
     write_predictions_csv(preds, names, out / "predictions.csv")
     write_json(result, out / "metrics.json")
-    (out / "report.md").write_text(evaluation_markdown(result), encoding="utf-8")
+    md = evaluation_markdown(result)
+    (out / "report.md").write_text(md, encoding="utf-8")
+    (out / "report.html").write_text(
+        report_html(md, out, title=f"covidscan evaluation: {result.backbone} ({result.task})"), encoding="utf-8"
+    )
 
 
 def _plot_confusion(cm: np.ndarray, names, path: Path) -> None:
@@ -168,17 +177,39 @@ def _plot_confusion(cm: np.ndarray, names, path: Path) -> None:
     plt.close(fig)
 
 
-def _plot_roc(y, probs, names, path: Path) -> None:
+def roc_band(yb: np.ndarray, score: np.ndarray, *, n_boot: int = 200, seed: int = 0, grid=None):
+    """``(fpr_grid, lo, hi)``: pointwise 95% bootstrap band of the ROC curve (images resampled, sensitivity
+    interpolated on a fixed 1 - specificity grid); None when a resample cannot hold both classes."""
+    grid = np.linspace(0, 1, 101) if grid is None else grid
+    rng = np.random.default_rng(seed)
+    curves = []
+    for _ in range(n_boot):
+        i = rng.integers(0, len(yb), len(yb))
+        if yb[i].min() == yb[i].max():
+            continue
+        fpr, tpr, _ = roc_curve(yb[i], score[i])
+        curves.append(np.interp(grid, fpr, tpr))
+    if len(curves) < n_boot // 2:
+        return None
+    lo, hi = np.percentile(np.asarray(curves), [2.5, 97.5], axis=0)
+    return grid, lo, hi
+
+
+def _plot_roc(y, probs, names, path: Path, *, n_boot: int = 200) -> None:
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     for c, n in enumerate(names):
         yb = (y == c).astype(int)
         if yb.min() == yb.max():
             continue
         fpr, tpr, _ = roc_curve(yb, probs[:, c])
-        ax.plot(fpr, tpr, label=f"{n} (AUROC {roc_auc_score(yb, probs[:, c]):.3f})")
+        (line,) = ax.plot(fpr, tpr, label=f"{n} (AUROC {roc_auc_score(yb, probs[:, c]):.3f})")
+        band = roc_band(yb, probs[:, c], n_boot=n_boot, seed=c) if n_boot else None
+        if band is not None:
+            ax.fill_between(band[0], band[1], band[2], color=line.get_color(), alpha=0.15, lw=0)
     ax.plot([0, 1], [0, 1], "k--", lw=0.8)
     ax.set_xlabel("1 - specificity")
     ax.set_ylabel("sensitivity")
+    ax.set_title("ROC, shaded: 95% bootstrap band", fontsize=9)
     ax.legend(loc="lower right", fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -227,13 +258,28 @@ def plot_history(history: list[dict], path: Path) -> Path:
     return path
 
 
-def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0) -> Path:
-    """The paper's Fig. 8/9: n test scans with true and predicted label and probability; mistakes in red."""
+def grid_picks(y, probs, n: int, *, errors_first: bool = True, seed: int = 0) -> np.ndarray:
+    """Which scans the grid shows: every mistake first (most confident first, up to ``n``), then correct scans
+    at random; ``errors_first=False`` draws all ``n`` at random (the paper's figure)."""
     rng = np.random.default_rng(seed)
-    picks = rng.choice(len(preds.y), size=min(n, len(preds.y)), replace=False)
+    n = min(n, len(y))
+    if not errors_first:
+        return rng.choice(len(y), size=n, replace=False)
+    pred = probs.argmax(1)
+    wrong = np.flatnonzero(pred != y)
+    wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
+    right = np.flatnonzero(pred == y)
+    fill = rng.choice(right, size=min(n - len(wrong), len(right)), replace=False) if n > len(wrong) else np.array([], int)
+    return np.concatenate([wrong, fill]).astype(int)
+
+
+def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0, errors_first: bool = True) -> Path:
+    """The paper's Fig. 8/9: n test scans with file name, true and predicted label and probability; mistakes
+    (shown first unless ``errors_first=False``) in red."""
+    picks = grid_picks(np.asarray(preds.y), np.asarray(preds.probs), n, errors_first=errors_first, seed=seed)
     cols = int(np.ceil(np.sqrt(len(picks))))
     rows = int(np.ceil(len(picks) / cols))
-    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.8 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
@@ -243,9 +289,11 @@ def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0) -> 
         p = preds.probs[i]
         k = int(p.argmax())
         wrong = k != preds.y[i]
+        fname = Path(rec.path).name
+        fname = fname if len(fname) <= 28 else fname[:12] + "..." + fname[-13:]
         ax.set_title(
-            f"true: {names[preds.y[i]]}\npred: {names[k]} ({p[k]:.2f})" + ("  ✗" if wrong else ""),
-            fontsize=8,
+            f"{fname}\ntrue: {names[preds.y[i]]}\npred: {names[k]} ({p[k]:.2f})" + ("  ✗" if wrong else ""),
+            fontsize=7,
             color="red" if wrong else "black",
         )
         if wrong:
@@ -259,3 +307,78 @@ def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0) -> 
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
+
+
+def _inline(text: str) -> str:
+    """Markdown inline -> HTML for our own reports: escaped text, **bold**, `code`."""
+    import html as _html
+    import re
+
+    t = _html.escape(text)
+    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+
+
+def report_html(markdown: str, folder: Path, *, title: str = "covidscan report") -> str:
+    """One self-contained HTML file from a report's markdown (headings, tables, lists, quotes, paragraphs), its
+    ``![alt](figure.png)`` lines embedded as base64 images, to send to a colleague as one file."""
+    import base64
+    import html as _html
+
+    body, table, listing = [], [], False
+
+    def flush_table():
+        if table:
+            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
+            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
+                + "</table>"
+            )
+            table.clear()
+
+    for line in markdown.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        if listing and not line.startswith("- "):
+            body.append("</ul>")
+            listing = False
+        if line.startswith("#"):
+            level = min(len(line) - len(line.lstrip("#")), 4)
+            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
+        elif line.startswith("- "):
+            if not listing:
+                body.append("<ul>")
+                listing = True
+            body.append(f"<li>{_inline(line[2:])}</li>")
+        elif line.startswith("![") and line.endswith(")") and "](" in line:
+            alt, src = line[2:-1].split("](", 1)
+            png = Path(folder) / src
+            if png.is_file() and png.suffix == ".png":  # embedded: one file to send
+                data = base64.b64encode(png.read_bytes()).decode()
+                body.append(
+                    f'<figure><img alt="{_html.escape(alt)}" src="data:image/png;base64,{data}">'
+                    f"<figcaption>{_html.escape(alt)}</figcaption></figure>"
+                )
+        elif line.startswith(">"):
+            body.append(f"<blockquote>{_inline(line.lstrip('> '))}</blockquote>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush_table()
+    if listing:
+        body.append("</ul>")
+    style = (
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+        "img{max-width:100%}figure{margin:1em 0}blockquote{background:#fff3cd;margin:0;padding:.5em}"
+    )
+    return (
+        f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
+        f'content="width=device-width, initial-scale=1"><title>{_html.escape(title)}</title><style>{style}</style>'
+        f"</head><body>{''.join(body)}</body></html>\n"
+    )

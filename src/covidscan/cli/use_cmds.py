@@ -27,6 +27,7 @@ def cmd_evaluate(args) -> int:
         subset=args.subset,
         out=args.out,
         grid=args.grid,
+        grid_errors_first=not args.grid_random,
         n_boot=args.bootstrap,
         device=args.device,
         progress=not args.quiet,
@@ -281,7 +282,8 @@ def register(sub) -> None:
     common.add_data(p, positional=False, required=False, help_extra=": evaluated in full (external validation)")
     _subset_args(p)
     common.add_out(p, "folder for report.md, metrics.json, predictions.csv and figures")
-    p.add_argument("--grid", type=int, default=0, help="also draw N test scans with predictions (paper Fig. 8/9)")
+    p.add_argument("--grid", type=int, default=0, help="also draw N test scans with file names and predictions, mistakes first")
+    p.add_argument("--grid-random", action="store_true", help="draw the grid's scans at random (the paper's Fig. 8/9)")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
     common.add_bootstrap(p, 1000)
     common.add_device(p)
