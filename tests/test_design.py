@@ -200,3 +200,22 @@ def test_every_json_file_in_docs_is_strict():
     assert files
     for f in files:
         _strict_loads(f.read_text())
+
+
+def test_model_summary_counts_and_shapes(tmp_path, capsys):
+    """`covidscan summary`: torchinfo's totals equal the model's parameters; the diagram's stages chain shapes."""
+    from covidscan.cli import main
+    from covidscan.config import load_config
+    from covidscan.summary import model_for, stages
+
+    args = ["--set", "model.backbone=efficientnet_lite0", "--set", "data.task=ct", "--set", "data.image_size=64"]
+    assert main(["summary", *args, "--diagram", str(tmp_path / "d.png")]) == 0
+    out = capsys.readouterr().out
+    model, size, _ = model_for(load_config(None, [a for a in args if a != "--set"]))
+    total = sum(p.numel() for p in model.parameters())
+    assert f"Total params: {total:,}" in out and "[1, 2]" in out  # CT: two classes
+    rows = stages(model, size)
+    assert rows[-1][0] == "head" and rows[-1][1] == (1, 2) and rows[0][1][2] < size  # the stem downsamples
+    assert sum(p for _, _, p in rows) == total
+    assert (tmp_path / "d.png").stat().st_size > 5000
+    assert main(["summary"]) == 2  # nothing to summarise: one-line error

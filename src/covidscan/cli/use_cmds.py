@@ -241,6 +241,22 @@ def cmd_card(args) -> int:
     return 0
 
 
+def cmd_summary(args) -> int:
+    from covidscan.config import load_config
+    from covidscan.errors import CLIError
+    from covidscan.summary import model_for, stage_diagram, summary_table
+
+    if (args.config is None) == (args.checkpoint is None) and not args.set:
+        raise CLIError("summary: give --config C (or --set model.backbone=...) or --checkpoint K")
+    cfg = None if args.checkpoint else load_config(args.config, args.set)
+    model, size, title = model_for(cfg, args.checkpoint)
+    print(title)
+    print(summary_table(model, size, depth=args.depth))
+    if args.diagram:
+        print(f"wrote {stage_diagram(model, size, args.diagram, title)}")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     from covidscan.adapt import calibrate
 
@@ -362,6 +378,14 @@ def register(sub) -> None:
     p.add_argument("checkpoints", type=Path, nargs="+", help="member checkpoints (same task and preprocessing)")
     common.add_out(p, "ensemble checkpoint to write")
     p.set_defaults(func=cmd_ensemble)
+
+    p = sub.add_parser("summary", help="layer table (output shapes, parameters) and a block diagram (paper Figs. 6/7)")
+    common.add_config(p)
+    common.add_set(p)
+    p.add_argument("--checkpoint", type=Path, help="summarise a trained checkpoint instead of a recipe")
+    p.add_argument("--depth", type=int, default=2, help="nesting depth of the layer table")
+    p.add_argument("--diagram", type=Path, help="also draw the stages and head to this PNG")
+    p.set_defaults(func=cmd_summary)
 
     p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
     common.add_checkpoint(p)
