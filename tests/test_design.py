@@ -219,3 +219,37 @@ def test_model_summary_counts_and_shapes(tmp_path, capsys):
     assert sum(p for _, _, p in rows) == total
     assert (tmp_path / "d.png").stat().st_size > 5000
     assert main(["summary"]) == 2  # nothing to summarise: one-line error
+
+
+def test_readme_python_api_example_runs(trained_run, tmp_path, monkeypatch):
+    """The README's Python API block, run as written with a tiny checkpoint and synthetic scans for its paths."""
+    import re
+
+    from PIL import Image
+
+    result, data = trained_run
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
+    scan = next((data / "covid").glob("*.png"))
+    code = (
+        block.replace("runs/recommended/ensemble.pt", str(result.best_checkpoint))
+        .replace("../shared/data/xray/covid/ieee8023_00870a9c.jpg", str(scan))
+        .replace("../shared/data/xray-extra", str(data))
+        .replace('"runs/ext"', repr(str(tmp_path / "ext")))
+    )
+    assert "../shared" not in code and "runs/" not in code.replace(str(result.best_checkpoint), "")
+    monkeypatch.chdir(tmp_path)
+    exec(compile(code, "README.md", "exec"), {})
+    assert (tmp_path / "ext" / "report.md").is_file()
+    # the forms predict takes agree: path, bytes, array (uint8 and float), list
+    from covidscan.inference import Predictor
+
+    p = Predictor.from_checkpoint(result.best_checkpoint, device="cpu")
+    ref = p.predict(scan).probabilities["covid"]
+    arr = np.asarray(Image.open(scan).convert("L"))
+    got = [p.predict(scan.read_bytes()), p.predict(arr), p.predict(arr.astype(np.float32) / 255), *p.predict([scan, arr])]
+    assert all(abs(g.probabilities["covid"] - ref) < 1e-5 for g in got)
+    with pytest.raises(ValueError, match="expected H x W"):
+        p.predict(np.zeros((4, 4, 5), np.uint8))
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        p.predict(np.full((8, 8), 3.0, np.float32))

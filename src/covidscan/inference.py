@@ -117,8 +117,48 @@ class Predictor:
             return None
         return {"class": t["class"], "threshold": t["value"], "positive": probs[t["class"]] >= t["value"]}
 
-    def predict(self, path: str | Path) -> Prediction:
-        return self.predict_scan(read_image(path), str(path))
+    def predict(self, item, *, batch: int = 8):
+        """One scan -> :class:`Prediction`; a list of scans -> a list, run through the model in batches.
+
+        A scan is a path, the bytes of a file, a numpy array (``H x W`` or ``H x W x 3``; uint8, uint16, or
+        float in [0, 1]) or a :class:`ScanImage`.
+        """
+        if isinstance(item, list | tuple):
+            scans = [self._as_scan(x) for x in item]
+            out = []
+            for start in range(0, len(scans), batch):
+                part = scans[start : start + batch]
+                u8 = [to_gray_uint8(sc, self.pre) for sc, _ in part]
+                probs = self.probabilities(torch.stack([to_input(u, self.pre) for u in u8]))
+                for (sc, src), u, p in zip(part, u8, probs):
+                    d = {n: float(v) for n, v in zip(self.class_names, p)}
+                    out.append(Prediction(d, self.class_names[int(p.argmax())], self.check(sc, u), src, self.decide(d)))
+            return out
+        scan, src = self._as_scan(item)
+        return self.predict_scan(scan, src)
+
+    @staticmethod
+    def _as_scan(item) -> tuple[ScanImage, str]:
+        if isinstance(item, ScanImage):
+            return item, str(item.path)
+        if isinstance(item, bytes | bytearray):
+            return read_bytes(bytes(item), "<bytes>"), "<bytes>"
+        if isinstance(item, np.ndarray):
+            a = item
+            if a.ndim == 3 and a.shape[2] == 1:
+                a = a[..., 0]
+            if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] != 3) or min(a.shape[:2]) < 2:
+                raise ValueError(f"array of shape {item.shape}: expected H x W or H x W x 3")
+            if a.dtype == np.uint8:
+                px = a.astype(np.float32) / 255
+            elif a.dtype == np.uint16:
+                px = a.astype(np.float32) / 65535
+            else:
+                px = a.astype(np.float32)
+                if not np.isfinite(px).all() or px.min() < 0 or px.max() > 1:
+                    raise ValueError("float arrays must hold values in [0, 1] (uint8 and uint16 are scaled)")
+            return ScanImage(pixels=px, format="array", mode=str(item.dtype), path=Path("<array>")), "<array>"
+        return read_image(item), str(item)
 
     def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
         return self.predict_scan(read_bytes(data, name), name)
