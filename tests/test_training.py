@@ -274,3 +274,32 @@ def test_frozen_feature_cache_equals_full_loop(tmp_path):
     for k in a:
         assert torch.allclose(a[k].float(), b[k].float(), atol=1e-4), k
     assert [h["val_loss"] for h in fast.history] == pytest.approx([h["val_loss"] for h in slow.history], abs=1e-4)
+
+
+def test_tensorboard_event_files_hold_the_history(tmp_path, xray_dir):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from covidscan.engine import train
+    from tests.conftest import tiny_config
+
+    res = train(tiny_config(train={"epochs": 2, "log": "tensorboard"}), xray_dir, tmp_path / "run")
+    acc = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    acc.Reload()
+    val_loss = [(e.step, e.value) for e in acc.Scalars("val/loss")]
+    assert [s for s, _ in val_loss] == [1, 2]
+    assert [v for _, v in val_loss] == pytest.approx([h["val_loss"] for h in res.history], rel=1e-6)
+    assert "train/loss" in acc.Tags()["scalars"]
+
+
+def test_tensorboard_missing_is_one_error_before_anything_is_written(tmp_path, xray_dir, monkeypatch):
+    import sys
+
+    from covidscan.engine import train
+    from covidscan.errors import ConfigError
+    from tests.conftest import tiny_config
+
+    monkeypatch.setitem(sys.modules, "tensorboard", None)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        train(tiny_config(train={"log": "tensorboard"}), xray_dir, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -76,6 +76,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     early_stopping: int = 0  # stop after this many epochs without validation improvement; 0 = off
     monitor: str = "val_loss"  # val_loss | val_acc: what selects the best epoch (never test)
+    log: str = "none"  # none | tensorboard (event files in RUN/tensorboard; needs the tensorboard package)
     class_weights: bool = False  # weight the loss by inverse class frequency in train
     sampler: str = "plain"  # plain (shuffle) | balanced (equal draws per label x source cell)
     seed: int = 0
@@ -223,6 +224,8 @@ def validate(cfg: Config) -> None:
         )
     if not 0 < st.top <= 1 or not 0 <= st.min_lung <= 1:
         raise ConfigError(f"study.top must be in (0, 1] (got {st.top}) and study.min_lung in [0, 1] (got {st.min_lung})")
+    if cfg.train.log not in ("none", "tensorboard"):
+        raise ConfigError(f"train.log={cfg.train.log!r}; choose none or tensorboard")
     if cfg.model.head not in ("linear", "paper"):
         raise ConfigError(f"model.head={cfg.model.head!r}; choose linear or paper")
     if cfg.train.sampler not in ("plain", "balanced"):

@@ -439,6 +439,8 @@ def train(
     """
     out = Path(out)
     t_start = time.perf_counter()
+    if cfg is not None:
+        _check_logger(cfg)  # before anything is written
     check_run_folder(out, resume=resume, overwrite=overwrite)
     state = None
     if resume:
@@ -573,10 +575,39 @@ def run_epoch(
     return bool(stop.item())
 
 
+def tensorboard_writer(cfg: Config, out: Path, run: RunContext):
+    """A SummaryWriter in ``out/tensorboard`` when ``train.log=tensorboard`` (main process only), else None."""
+    if cfg.train.log != "tensorboard" or not run.is_main:
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(log_dir=str(out / "tensorboard"))
+
+
+def _check_logger(cfg: Config) -> None:
+    if cfg.train.log == "tensorboard":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            raise ConfigError("train.log=tensorboard needs the tensorboard package: pip install tensorboard") from None
+
+
+def _log_epoch(writer, row: dict) -> None:
+    """Scalars of one history row: train_* and val_* under train/ and val/, the rest under misc/."""
+    epoch = int(row["epoch"])
+    for key, value in row.items():
+        if key == "epoch" or isinstance(value, bool) or not isinstance(value, int | float):
+            continue
+        group, _, name = key.partition("_") if key.startswith(("train_", "val_")) else ("misc", "", key)
+        writer.add_scalar(f"{group}/{name}", value, epoch)
+    writer.flush()
+
+
 def _fit(
     cfg: Config, model, data: TrainData, keeper: CheckpointKeeper, run: RunContext, state, progress, stop_after_epoch, t_start
 ) -> TrainResult:
     fit = prepare(cfg, model, data, run)
+    writer = tensorboard_writer(cfg, keeper.out, run)
     start_epoch = 1
     if state is not None:
         model.load_state_dict(state["state_dict"])
@@ -585,8 +616,12 @@ def _fit(
         logger.info("resuming %s at epoch %d", keeper.out, start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs + 1):
         stop = run_epoch(cfg, epoch, model, fit, data, run, keeper, progress=progress)
+        if writer is not None and keeper.history:
+            _log_epoch(writer, keeper.history[-1])
         if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
+    if writer is not None:
+        writer.close()
     if run.is_main and keeper.history:
         plot_history(keeper.history, keeper.out / "curves.png")
     return TrainResult(

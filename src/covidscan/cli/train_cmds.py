@@ -17,6 +17,8 @@ def cmd_train(args) -> int:
     from covidscan.config import load_config
     from covidscan.engine import train
 
+    if args.tensorboard:
+        args.set = [*args.set, "train.log=tensorboard"]
     if args.resume:
         # the run's own saved config; --config / --set may only change what a resume allows (more epochs ...)
         asked = None
@@ -140,6 +142,7 @@ def register(sub) -> None:
         "--resume", action="store_true", help="continue the interrupted run in --out (--set train.epochs=N adds epochs)"
     )
     g.add_argument("--overwrite", action="store_true", help="start again in an --out that already holds a run")
+    p.add_argument("--tensorboard", action="store_true", help="also write TensorBoard event files to RUN/tensorboard")
     common.add_quiet(p)
     p.set_defaults(func=cmd_train)
 
