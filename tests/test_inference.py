@@ -86,6 +86,37 @@ def test_grad_cam_every_backbone(backbone):
     np.testing.assert_allclose(cam, cams[0], atol=1e-5)
 
 
+def test_grad_cam_plus_plus():
+    """Grad-CAM++: with one channel it draws the same (normalised) map as Grad-CAM; with several it weighs
+    channels differently; an unknown method is refused."""
+    from torch import nn
+
+    class Tiny(nn.Module):  # a conv layer (hooked) and a linear read-out of its channel means
+        def __init__(self, c):
+            super().__init__()
+            self.spec = type("S", (), {"cam_layer": "conv", "name": "tiny"})()
+            self.conv = nn.Conv2d(3, c, 3, padding=1)
+            self.fc = nn.Linear(c, 2)
+
+        def forward(self, x):
+            return self.fc(torch.relu(self.conv(x)).mean(dim=(2, 3)))
+
+    torch.manual_seed(0)
+    x = torch.randn(1, 3, 12, 12)
+    one = Tiny(1)
+    with torch.no_grad():
+        one.fc.weight.fill_(1.0)
+    a, _ = grad_cam(one, x, 0)
+    b, _ = grad_cam(one, x, 0, method="gradcam++")
+    np.testing.assert_allclose(a, b, atol=1e-5)
+    many = Tiny(6)
+    a, _ = grad_cam(many, x, 0)
+    b, _ = grad_cam(many, x, 0, method="gradcam++")
+    assert b.min() >= 0 and b.max() <= 1 and not np.allclose(a, b, atol=1e-3)
+    with pytest.raises(ValueError, match="gradcam"):
+        grad_cam(many, x, 0, method="scorecam")
+
+
 def test_explain_cli(trained_run, tmp_path, capsys):
     result, data = trained_run
     img = next((data / "covid").glob("*.png"))

@@ -20,10 +20,20 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 
+METHODS = ("gradcam", "gradcam++")
+
+
 def grad_cam(
-    model, x: torch.Tensor, class_index: int | None = None, size: tuple[int, int] | None = None
+    model, x: torch.Tensor, class_index: int | None = None, size: tuple[int, int] | None = None, method: str = "gradcam"
 ) -> tuple[np.ndarray, int]:
-    """Return ``(cam, class_index)``; ``x`` is ``1 x 3 x S x S``; ``cam`` is ``H x W`` float32 in [0, 1]."""
+    """Return ``(cam, class_index)``; ``x`` is ``1 x 3 x S x S``; ``cam`` is ``H x W`` float32 in [0, 1].
+
+    ``method``: ``gradcam`` (channel weights = mean gradient) or ``gradcam++`` (Chattopadhay et al. 2018:
+    channel weights = sum of ReLU(gradient) x alpha, alpha = g^2 / (2 g^2 + sum(A) g^3), the closed form
+    used by pytorch-grad-cam), which spreads the map over several instances of a class instead of the
+    strongest one."""
+    if method not in METHODS:
+        raise ValueError(f"unknown Grad-CAM method {method!r}; choose {' or '.join(METHODS)}")
     layer_name = model.spec.cam_layer
     try:
         layer = model.get_submodule(layer_name)
@@ -47,8 +57,14 @@ def grad_cam(
     finally:
         handle.remove()
         model.train(was_training)
-    act, grad = store["act"].detach(), grad.detach()  # 1 x C x h x w
-    weights = grad.mean(dim=(2, 3), keepdim=True)
+    act, grad = store["act"].detach().float(), grad.detach().float()  # 1 x C x h x w
+    if method == "gradcam++":
+        g2 = grad.pow(2)
+        denom = 2 * g2 + act.sum(dim=(2, 3), keepdim=True) * g2 * grad
+        alpha = torch.where(grad != 0, g2 / (denom + 1e-7), torch.zeros_like(grad))
+        weights = (F.relu(grad) * alpha).sum(dim=(2, 3), keepdim=True)
+    else:
+        weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * act).sum(1, keepdim=True))  # 1 x 1 x h x w
     out_size = size or tuple(x.shape[-2:])
     cam = F.interpolate(cam, size=out_size, mode="bilinear", align_corners=False)[0, 0]
@@ -91,11 +107,18 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray
 
 
 def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str = "") -> Path:
-    fig, ax = plt.subplots(figsize=(5, 5 * gray.shape[0] / gray.shape[1] + 0.3))
-    ax.imshow(overlay(gray, cam))
-    ax.set_axis_off()
-    if title:
-        ax.set_title(title, fontsize=9)
+    """The scan and its Grad-CAM overlay side by side, with a colour bar for the map (relative, 0 to 1)."""
+    g = gray if gray.ndim == 2 else gray.mean(2)
+    aspect = g.shape[0] / g.shape[1]
+    fig, axes = plt.subplots(1, 2, figsize=(9, 4.5 * aspect + 0.6))
+    axes[0].imshow(g, cmap="gray", vmin=0, vmax=1)
+    axes[0].set_title("scan", fontsize=9)
+    axes[1].imshow(overlay(gray, cam))
+    mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet")
+    fig.colorbar(mappable, ax=axes[1], fraction=0.046, pad=0.02, label="Grad-CAM (relative to its maximum)")
+    axes[1].set_title(title or "Grad-CAM", fontsize=9)
+    for ax in axes:
+        ax.set_axis_off()
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -163,7 +163,7 @@ class Predictor:
     def predict_bytes(self, data: bytes, name: str = "<upload>") -> Prediction:
         return self.predict_scan(read_bytes(data, name), name)
 
-    def explain(self, scan: ScanImage, class_name: str | None = None) -> tuple[np.ndarray, str]:
+    def explain(self, scan: ScanImage, class_name: str | None = None, method: str = "gradcam") -> tuple[np.ndarray, str]:
         """Grad-CAM map in [0, 1] for ``class_name`` (default: predicted), at the scan's aspect ratio with
         the longer side at most :data:`covidscan.explain.DISPLAY_MAX` (the scan's own size when smaller),
         so a huge upload cannot make a huge map."""
@@ -176,5 +176,6 @@ class Predictor:
                 x,
                 None if class_name is None else self.class_names.index(class_name),
                 size=display_size(scan.height, scan.width),
+                method=method,
             )
         return cam, self.class_names[k]

@@ -170,7 +170,7 @@ def cmd_explain(args) -> int:
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     scan = read_image(args.image)
-    cam, cls = predictor.explain(scan, args.target)
+    cam, cls = predictor.explain(scan, args.target, method=args.method)
     pred = predictor.predict_scan(scan, str(args.image))
     title = f"Grad-CAM for {cls} (p={pred.probabilities[cls]:.2f}); predicted {pred.label}"
     warning = low_probability_warning(cls, pred.probabilities[cls])
@@ -328,6 +328,7 @@ def register(sub) -> None:
     p.add_argument("image", type=Path)
     common.add_out(p, "PNG to write")
     p.add_argument("--class", dest="target", help="class to explain (default: the predicted one)")
+    p.add_argument("--method", choices=["gradcam", "gradcam++"], default="gradcam", help="Grad-CAM or Grad-CAM++")
     common.add_device(p)
     p.set_defaults(func=cmd_explain)
 
