@@ -19,7 +19,6 @@ import torch.nn.functional as F
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
-
 METHODS = ("gradcam", "gradcam++")
 
 
