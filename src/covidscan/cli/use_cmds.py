@@ -203,7 +203,9 @@ def cmd_serve(args) -> int:
         predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pending=args.max_pending, token=token,
         max_study_bytes=args.max_study_mb * 1024 * 1024, body_timeout=args.body_timeout,
     )  # fmt: skip
-    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+    from covidscan.serve.protocol import header_timeout_protocol
+
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info", http=header_timeout_protocol(args.header_timeout))
     return 0
 
 
@@ -339,6 +341,7 @@ def register(sub) -> None:
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload in megabytes (positive)")
     p.add_argument("--max-study-mb", type=int, default=300, help="CT models: largest zipped series / NIfTI upload in megabytes")
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds an upload may stall before 408")
+    p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its request headers")
     p.add_argument("--max-pending", type=int, default=8, help="predictions running or waiting at once; more get 503")
     p.add_argument(
         "--token", help="require this token (Authorization: Bearer TOKEN); needed beyond localhost (or COVIDSCAN_TOKEN)"
