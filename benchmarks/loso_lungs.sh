@@ -2,7 +2,7 @@
 # The learned lung crop / mask in the two-source leave-out folds (issue #11; docs/results/generalisation.md).
 #   bash benchmarks/loso_lungs.sh   (CPU: about 25 minutes per fine-tuned recipe, 10 per frozen one)
 set -u
-cd /work/main; . .venv/bin/activate
+cd "$(dirname "$0")/.." && . .venv/bin/activate
 X="../shared/data/xray ../shared/data/xray-extra ../shared/data/xray-lungs"
 F="hannover+nih covid-cxnet+openist"
 date > runs/exp/log_lungs.txt
