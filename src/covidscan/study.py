@@ -176,7 +176,9 @@ def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: in
     import torch
 
     if predictor.task != "ct":
-        raise ValueError(f"a CT study needs a CT model; this checkpoint is for {predictor.task}")
+        from covidscan.errors import DataError
+
+        raise DataError(f"CT studies need a CT model; this checkpoint is for {predictor.task}")
     vol = study if isinstance(study, Volume) else read_volume(study)
     cfg = cfg or study_config(predictor)
     batch = batch or (4 if str(predictor.device).startswith("cpu") else 64)
