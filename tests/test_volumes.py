@@ -1,6 +1,7 @@
 """CT studies: reading DICOM series / NIfTI / zip into HU volumes, windowing, slice selection, aggregation,
 and the real JPEG-Lossless series in ../shared/data/ct-volumes."""
 
+import csv
 import io
 import random
 import zipfile
@@ -321,3 +322,14 @@ def test_cli_stats_and_predict_on_studies(tmp_path, tiny_ct_checkpoint, capsys):
     lines = [ln for ln in captured.out.splitlines() if "p(covid)=" in ln]
     assert len(lines) == 1 and lines[0].startswith(str(tmp_path / "studies" / "good"))  # ... the other one is kept
     assert (tmp_path / "o" / "good" / "slices.csv").is_file() and (tmp_path / "o" / "good" / "montage.png").is_file()
+    # the checkpoint's study settings can be overridden per call, validated
+    import json
+
+    good = str(tmp_path / "studies" / "good")
+    assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), good, "--json", "--study", "rule=max"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["rule"] == "max"
+    rows = list(csv.DictReader(open(tmp_path / "o" / "good" / "slices.csv")))
+    assert row["probability"] == pytest.approx(max(float(r["probability"]) for r in rows if r["scored"] == "True"))
+    assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), good, "--study", "rule=median"]) == 2
+    assert "rule topk|mean|max|noisy_or" in capsys.readouterr().err

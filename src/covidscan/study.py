@@ -147,11 +147,19 @@ class StudyResult:
         )
 
 
-def study_config(predictor) -> StudyConfig:
-    """The checkpoint's study settings (defaults for checkpoints written before they existed)."""
+def study_config(predictor, overrides=()) -> StudyConfig:
+    """The checkpoint's study settings (defaults for checkpoints written before they existed), with
+    ``overrides`` such as ``["window_center=-650", "rule=max"]`` applied and validated.
+
+    Raises:
+        ConfigError: an unknown key or a value out of range.
+    """
+    from covidscan.config import apply_overrides, config_from_dict
+
     values = (predictor.meta.config or {}).get("study") or {}
     known = {f for f in StudyConfig.__dataclass_fields__}
-    return StudyConfig(**{k: v for k, v in values.items() if k in known})
+    base = {"study": {k: v for k, v in values.items() if k in known}}
+    return config_from_dict(apply_overrides(base, [f"study.{o}" for o in overrides]), "study settings").study
 
 
 def slice_scans(vol: Volume, cfg: StudyConfig) -> tuple[np.ndarray, np.ndarray, list[ScanImage | None]]:

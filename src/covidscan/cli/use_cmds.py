@@ -40,10 +40,10 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_studies(args, data) -> int:
     from covidscan.inference import Predictor
-    from covidscan.study import evaluate_studies, studies_markdown
+    from covidscan.study import evaluate_studies, studies_markdown, study_config
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
-    summary = evaluate_studies(predictor, data, args.out)
+    summary = evaluate_studies(predictor, data, args.out, cfg=study_config(predictor, args.study))
     print(studies_markdown(summary))
     print(f"wrote {args.out}/report.md, studies.json and per-study slices.csv / slices.png / montage.png")
     return 0
@@ -135,13 +135,14 @@ def _predict_studies(predictor, studies, args) -> int:
 
     from covidscan.data.volume import VolumeError, read_volume
     from covidscan.results import dumps
-    from covidscan.study import predict_study, write_study
+    from covidscan.study import predict_study, study_config, write_study
 
     failed, rows = 0, []
+    cfg = study_config(predictor, args.study)
     for path in studies:
         try:
             vol = read_volume(path)
-            res = predict_study(predictor, vol)
+            res = predict_study(predictor, vol, cfg=cfg)
         except VolumeError as exc:
             failed += 1
             print(f"covidscan: error: {exc}", file=sys.stderr)
@@ -289,6 +290,13 @@ def cmd_ensemble(args) -> int:
     return 0
 
 
+def _study_arg(p) -> None:
+    p.add_argument(
+        "--study", action="append", default=[], metavar="KEY=VALUE",
+        help="CT studies: override the checkpoint's study settings, e.g. window_center=-650, frame=lungs, rule=max",
+    )  # fmt: skip
+
+
 def _subset_args(p) -> None:
     p.add_argument("--split", type=Path, help="split CSV; evaluates its --subset")
     p.add_argument("--subset", choices=["train", "val", "test"], default="test")
@@ -302,6 +310,7 @@ def register(sub) -> None:
     common.add_out(p, "folder for report.md, metrics.json, predictions.csv and figures")
     p.add_argument("--grid", type=int, default=0, help="also draw N test scans with file names and predictions, mistakes first")
     p.add_argument("--grid-random", action="store_true", help="draw the grid's scans at random (the paper's Fig. 8/9)")
+    _study_arg(p)
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
     common.add_bootstrap(p, 1000)
     common.add_device(p)
@@ -321,6 +330,7 @@ def register(sub) -> None:
     g.add_argument("--csv", action="store_true", help="CSV with a header")
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
     p.add_argument("--study-out", type=Path, help="CT studies: write slices.csv, slices.png and montage.png per study here")
+    _study_arg(p)
     common.add_device(p)
     common.add_quiet(p)
     p.set_defaults(func=cmd_predict)
