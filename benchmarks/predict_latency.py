@@ -25,6 +25,7 @@ def child(backbone: str, size: int, mode: str) -> dict:
 
     import torch
 
+    from covidscan.checkpoint import CheckpointMeta
     from covidscan.data import read_image
     from covidscan.data.transforms import Preprocess
     from covidscan.inference import Predictor
@@ -33,7 +34,10 @@ def child(backbone: str, size: int, mode: str) -> dict:
     torch.manual_seed(0)
     model, _ = build_model(backbone, "linear", 3)
     pre = Preprocess.for_backbone(model.spec, size)
-    meta = {"class_names": ["covid", "pneumonia", "normal"], "preprocess": pre.to_dict(), "task": "xray", "backbone": backbone}
+    meta = CheckpointMeta.from_dict(
+        {"class_names": ["covid", "pneumonia", "normal"], "preprocess": pre.to_dict(), "task": "xray", "backbone": backbone,
+         "head": "linear"}
+    )  # fmt: skip
     out: dict = {}
     if mode == "predict":
         p = Predictor(model, meta)
