@@ -12,9 +12,7 @@ overhead).
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -31,21 +29,18 @@ def main() -> None:
     args = ap.parse_args()
 
     import httpx
-    import uvicorn
 
     from covidscan.inference import Predictor
     from covidscan.serve import create_app
+    from covidscan.serve.background import serve_in_background
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     data = args.image.read_bytes()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(predictor), host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/predict" + ("?heatmap=true" if args.heatmap else "")
+    with serve_in_background(create_app(predictor)) as base:
+        run(args, predictor, data, base + "/predict" + ("?heatmap=true" if args.heatmap else ""), httpx)
+
+
+def run(args, predictor, data: bytes, url: str, httpx) -> None:
 
     for _ in range(3):
         predictor.predict_bytes(data)  # warm-up
@@ -81,9 +76,8 @@ def main() -> None:
                 lat.append(res[0])
                 errors += res[1] != 200
         wall = time.perf_counter() - t0
-    server.should_exit = True
     q = statistics.quantiles(lat, n=20)
-    print(f"backbone {predictor.meta['backbone']}, input {predictor.pre.image_size}px, heatmap={args.heatmap}")
+    print(f"backbone {predictor.meta.backbone}, input {predictor.pre.image_size}px, heatmap={args.heatmap}")
     print(f"direct Predictor.predict_bytes: median {statistics.median(direct) * 1000:.1f} ms")
     print(
         f"HTTP single request (sequential): median {statistics.median(single) * 1000:.1f} ms "

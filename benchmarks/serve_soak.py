@@ -12,7 +12,6 @@ latency percentiles, throughput, errors and 503s.
 from __future__ import annotations
 
 import argparse
-import socket
 import statistics
 import threading
 import time
@@ -36,23 +35,18 @@ def main() -> None:
     ap.add_argument("--max-pending", type=int, default=8)
     args = ap.parse_args()
 
-    import httpx
-    import uvicorn
-
     from covidscan.inference import Predictor
     from covidscan.serve import create_app
+    from covidscan.serve.background import serve_in_background
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
-    data = args.image.read_bytes()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    app = create_app(predictor, max_pending=args.max_pending)
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    threading.Thread(target=server.run, daemon=True).start()
-    while not server.started:
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}/predict" + ("?heatmap=true&force_heatmap=true" if args.heatmap else "")
+    with serve_in_background(create_app(predictor, max_pending=args.max_pending)) as base:
+        soak(args, args.image.read_bytes(), base + "/predict" + ("?heatmap=true&force_heatmap=true" if args.heatmap else ""))
+
+
+def soak(args, data: bytes, url: str) -> None:
+    import httpx
+
     lat, codes, lock = [], {}, threading.Lock()
     stop = time.perf_counter() + args.seconds
     samples = [(0.0, rss_mb())]
@@ -77,7 +71,6 @@ def main() -> None:
     while any(th.is_alive() for th in threads):
         time.sleep(2)
         samples.append((time.perf_counter() - t0, rss_mb()))
-    server.should_exit = True
     wall = time.perf_counter() - t0
     half = [s for s in samples if s[0] >= wall / 2]
     slope = 0.0

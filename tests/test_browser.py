@@ -4,10 +4,7 @@ import base64
 import json
 import os
 import shutil
-import socket
 import subprocess
-import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -31,32 +28,15 @@ ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
 pytestmark = pytest.mark.browser
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def server(trained_run):
-    import uvicorn
-
     from covidscan.inference import Predictor
     from covidscan.serve import create_app
+    from covidscan.serve.background import serve_in_background
 
     result, data = trained_run
-    app = create_app(Predictor.from_checkpoint(result.best_checkpoint, device="cpu"))
-    port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    assert srv.started, "server did not start"
-    yield f"http://127.0.0.1:{port}", data
-    srv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_background(create_app(Predictor.from_checkpoint(result.best_checkpoint, device="cpu"))) as url:
+        yield url, data
 
 
 def test_upload_page_shows_probabilities_and_heatmap(server):

@@ -389,27 +389,17 @@ def test_api_docs_work_offline(client):
 
 def test_silent_and_partial_header_connections_are_closed(predictor):
     import socket
-    import threading
     import time
+    from urllib.parse import urlparse
 
     import httpx
-    import uvicorn
 
     from covidscan.serve import create_app
+    from covidscan.serve.background import serve_in_background
     from covidscan.serve.protocol import header_timeout_protocol
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    cfg = uvicorn.Config(
-        create_app(predictor), host="127.0.0.1", port=port, log_level="warning", http=header_timeout_protocol(0.5)
-    )
-    srv = uvicorn.Server(cfg)
-    threading.Thread(target=srv.run, daemon=True).start()
-    deadline = time.time() + 30
-    while not srv.started and time.time() < deadline:
-        time.sleep(0.05)
-    try:
+    with serve_in_background(create_app(predictor), http=header_timeout_protocol(0.5)) as base:
+        port = urlparse(base).port
         silent = socket.create_connection(("127.0.0.1", port))
         partial = socket.create_connection(("127.0.0.1", port))
         partial.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\n")
@@ -419,8 +409,6 @@ def test_silent_and_partial_header_connections_are_closed(predictor):
             assert sock.recv(100) == b"" and time.time() - t < 5  # closed by the server, not by our timeout
             sock.close()
         with httpx.Client() as c:  # a normal client on a kept-alive connection is unaffected
-            assert c.get(f"http://127.0.0.1:{port}/health").status_code == 200
+            assert c.get(f"{base}/health").status_code == 200
             time.sleep(0.8)
-            assert c.get(f"http://127.0.0.1:{port}/health").status_code == 200
-    finally:
-        srv.should_exit = True
+            assert c.get(f"{base}/health").status_code == 200
