@@ -28,7 +28,7 @@ from scipy import ndimage
 
 from covidscan.config import StudyConfig
 from covidscan.data.io import ScanImage
-from covidscan.data.volume import Volume, is_studies_folder, read_volume  # noqa: F401 (is_studies_folder re-exported)
+from covidscan.data.volume import Volume, read_volume
 
 FRAME_MARGIN = 0.12
 MIN_LUNG_PIXELS = 0.01
@@ -54,19 +54,26 @@ def _subsample(vol: Volume) -> int:
     return max(1, int(np.ceil(max(vol.hu.shape[1:]) / MASK_SIDE)))
 
 
-def lung_areas(vol: Volume) -> np.ndarray:
-    """Fraction of each slice's pixels that is lung."""
+def small_lung_masks(vol: Volume, which=None) -> dict[int, np.ndarray]:
+    """Lung masks of the slices in ``which`` (default: all), found on slices subsampled to <= MASK_SIDE."""
     f = _subsample(vol)
-    return np.array([lung_mask(s[::f, ::f]).mean() for s in vol.hu], dtype=np.float64)
+    return {int(i): lung_mask(vol.hu[i][::f, ::f]) for i in (range(vol.n_slices) if which is None else which)}
 
 
-def slice_boxes(vol: Volume, which) -> dict[int, tuple[int, int, int, int]]:
-    """The framing box of each slice in ``which`` (from the subsampled lung mask, scaled back)."""
+def lung_areas(vol: Volume, masks: dict[int, np.ndarray] | None = None) -> np.ndarray:
+    """Fraction of each slice's pixels that is lung."""
+    masks = masks if masks is not None else small_lung_masks(vol)
+    return np.array([masks[i].mean() for i in range(vol.n_slices)], dtype=np.float64)
+
+
+def slice_boxes(vol: Volume, which, masks: dict[int, np.ndarray] | None = None) -> dict[int, tuple[int, int, int, int]]:
+    """The framing box of each slice in ``which`` (from its subsampled lung mask, scaled back)."""
     f = _subsample(vol)
     h, w = vol.hu.shape[1:]
+    masks = masks if masks is not None else small_lung_masks(vol, which)
     boxes = {}
     for i in which:
-        t, b, lft, r = lung_box(lung_mask(vol.hu[i][::f, ::f]))
+        t, b, lft, r = lung_box(masks[int(i)])
         boxes[int(i)] = (t * f, min(h, b * f), lft * f, min(w, r * f))
     return boxes
 
@@ -164,9 +171,10 @@ def study_config(predictor, overrides=()) -> StudyConfig:
 
 def slice_scans(vol: Volume, cfg: StudyConfig) -> tuple[np.ndarray, np.ndarray, list[ScanImage | None]]:
     """Lung areas, the scored-slice mask and a :class:`ScanImage` for each scored slice (None elsewhere)."""
-    areas = lung_areas(vol)
+    masks = small_lung_masks(vol)  # once: areas pick the slices, boxes frame them
+    areas = lung_areas(vol, masks)
     keep = select_slices(areas, cfg.min_lung)
-    boxes = slice_boxes(vol, np.flatnonzero(keep)) if cfg.frame == "lungs" else {}
+    boxes = slice_boxes(vol, np.flatnonzero(keep), masks) if cfg.frame == "lungs" else {}
     scans = [
         ScanImage(pixels=slice_image(vol.hu[i], cfg, boxes.get(i)).astype(np.float32) / 255.0, format="CT", mode="HU",
                   path=Path(vol.names[i]))
@@ -275,28 +283,23 @@ def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | No
 
 
 def find_studies(paths) -> tuple[list[Path], list[Path]]:
-    """Split ``paths`` into CT studies and single image files: a folder that directly holds DICOM files is
-    one study (series), a ``.nii`` / ``.nii.gz`` / ``.zip`` file is one study; other folders are searched."""
+    """Split ``paths`` into CT studies (:func:`covidscan.data.volume.study_paths`: series folders, NIfTI and zip
+    files, a studies folder's manifest) and the other files to read as single images."""
     from covidscan.data.io import is_image_file
-    from covidscan.data.volume import is_nifti, is_series_folder
+    from covidscan.data.volume import study_paths
 
     studies, images = [], []
-
-    def visit(p: Path) -> None:
+    for p in map(Path, paths):
+        found = study_paths(p)
+        studies += found
         if p.is_dir():
-            if is_series_folder(p):
-                studies.append(p)
-                return
-            for child in sorted(p.iterdir()):
-                if not child.name.startswith("."):
-                    visit(child)
-        elif is_nifti(p) or p.suffix.lower() == ".zip":
-            studies.append(p)
-        elif is_image_file(p) or not p.exists():
-            images.append(p)
-
-    for p in paths:
-        visit(Path(p))
+            inside = set(found)
+            images += sorted(
+                f for f in p.rglob("*")
+                if f.is_file() and not f.name.startswith(".") and is_image_file(f) and inside.isdisjoint(f.parents)
+            )  # fmt: skip
+        elif not found:
+            images.append(p)  # an image, or a missing path: predict reports it
     return studies, images
 
 

@@ -15,7 +15,7 @@ def cmd_evaluate(args) -> int:
 
     data = args.data if isinstance(args.data, list) else [args.data] if args.data else []
     if len(data) == 1 and not args.split:
-        from covidscan.study import is_studies_folder
+        from covidscan.data.volume import is_studies_folder
 
         if is_studies_folder(data[0]):
             return _evaluate_studies(args, data[0])

@@ -91,12 +91,16 @@ class ScanImage:
         return self.pixels.ndim == 3
 
 
+def has_dicom_preamble(head: bytes) -> bool:
+    """The DICOM Part 10 marker, ``DICM`` after the 128-byte preamble (the content, not the file name)."""
+    return len(head) >= 132 and head[128:132] == b"DICM"
+
+
 def _is_dicom(path: Path) -> bool:
     if path.suffix.lower() in DICOM_SUFFIXES:
         return True
     with open(path, "rb") as fh:
-        head = fh.read(132)
-    return len(head) == 132 and head[128:132] == b"DICM"
+        return has_dicom_preamble(fh.read(132))
 
 
 def read_image(path: str | Path) -> ScanImage:
@@ -120,7 +124,7 @@ def read_image(path: str | Path) -> ScanImage:
 
 def read_bytes(data: bytes, name: str = "<upload>") -> ScanImage:
     """Read an image from memory (an upload); the content is sniffed, never the name."""
-    if len(data) >= 132 and data[128:132] == b"DICM":
+    if has_dicom_preamble(data):
         try:
             return _read_dicom(io.BytesIO(data), name=name)
         except ImageReadError:

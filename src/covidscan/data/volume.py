@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from covidscan.data.io import has_dicom_preamble
 from covidscan.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -81,14 +82,10 @@ def is_nifti(path: Path) -> bool:
     return Path(path).name.lower().endswith(NIFTI_SUFFIXES)
 
 
-def is_dicom_bytes(head: bytes) -> bool:
-    return len(head) >= 132 and head[128:132] == b"DICM"
-
-
 def _is_dicom_file(path: Path) -> bool:
     try:
         with open(path, "rb") as fh:
-            return is_dicom_bytes(fh.read(132))
+            return has_dicom_preamble(fh.read(132))
     except OSError:
         return False
 
