@@ -37,11 +37,10 @@ def windows_table(pred: Predictor) -> None:
     for c, w in WINDOWS:
         cfg = replace(base, window_center=float(c), window_width=float(w))
         s = evaluate_studies(pred, SHARED, None, cfg=cfg, figures=False)
-        cells = []
-        for st in s["studies"]:
-            res = predict_study(pred, SHARED / st["series"], cfg=cfg)
-            p = [r["probability"] for r in res.scored]
-            cells.append(" / ".join(f"{aggregate(p, rule, cfg.top):.2f}" for rule in ("topk", "mean", "max")))
+        cells = [
+            " / ".join(f"{aggregate(st['scored_probabilities'], rule, cfg.top):.2f}" for rule in ("topk", "mean", "max"))
+            for st in s["studies"]
+        ]
         print(
             f"| {c} / {w} | {s['slice_auroc_infected_vs_noncovid']:.3f} | {s['slice_auroc_infected_vs_clear_in_covid']:.3f} | "
             + " | ".join(cells)

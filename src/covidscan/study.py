@@ -347,7 +347,10 @@ def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = Non
                     clear_in.append(s["probability"])
             else:
                 neg.append(s["probability"])
-        studies.append({**res.to_dict(), "series": r["series"], "truth": truth, "correct": res.label == truth})
+        studies.append({
+            **res.to_dict(), "series": r["series"], "truth": truth, "correct": res.label == truth,
+            "scored_probabilities": [s["probability"] for s in res.scored],  # lets callers try other rules
+        })  # fmt: skip
     y = [s["truth"] == "covid" for s in studies]
     p = [s["probability"] for s in studies]
     summary = {
