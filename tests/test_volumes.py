@@ -333,3 +333,26 @@ def test_cli_stats_and_predict_on_studies(tmp_path, tiny_ct_checkpoint, capsys):
     assert row["probability"] == pytest.approx(max(float(r["probability"]) for r in rows if r["scored"] == "True"))
     assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), good, "--study", "rule=median"]) == 2
     assert "rule topk|mean|max|noisy_or" in capsys.readouterr().err
+
+
+def test_studies_need_a_ct_model(tmp_path, trained_run, capsys):
+    """A studies folder evaluated with an X-ray checkpoint: one line, exit 2, nothing written."""
+    from covidscan.cli import main
+
+    write_series(tmp_path / "studies" / "covid" / "p1", phantom(4, size=64))
+    (tmp_path / "studies" / "manifest.csv").write_text("series,label,task_label\ncovid/p1,covid,covid\n")
+    result, _ = trained_run
+    rc = main(
+        [
+            "evaluate",
+            "--checkpoint",
+            str(result.best_checkpoint),
+            "--data",
+            str(tmp_path / "studies"),
+            "--out",
+            str(tmp_path / "ev"),
+        ]
+    )
+    err = capsys.readouterr().err
+    assert rc == 2 and "CT studies need a CT model" in err and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "ev").exists()
