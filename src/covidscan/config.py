@@ -88,6 +88,7 @@ class TrainConfig:
     precise_bn: int = 0  # after each epoch, re-estimate BatchNorm statistics on this many training images (0 = off)
     device_data: bool = False  # keep the decoded uint8 images on the training device, augment whole batches there
     feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
+    checkpoint_every: int = 0  # also save RUN/step.pt every this many optimizer steps (resume mid-epoch); 0 = off
 
 
 @dataclass(frozen=True)

@@ -23,11 +23,13 @@ sampler, gradients averaged across processes, and validation and checkpoints on 
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,8 +38,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader, RandomSampler, WeightedRandomSampler
-from torch.utils.data.distributed import DistributedSampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from covidscan.adapt import batchnorm_statistics
@@ -55,9 +56,12 @@ from covidscan.runtime import RunContext, autocast_for
 
 logger = logging.getLogger(__name__)
 
-RUN_FILES = ("best.pt", "last.pt", "history.jsonl")
+RUN_FILES = ("best.pt", "last.pt", "step.pt", "history.jsonl")
 #: settings that may change when a run is resumed (they do not change what was already trained)
-RESUMABLE = {"train.epochs", "train.early_stopping", "train.device", "data.num_workers", "data.cache", "data.cache_dir"}
+RESUMABLE = {
+    "train.epochs", "train.early_stopping", "train.device", "train.checkpoint_every",
+    "data.num_workers", "data.cache", "data.cache_dir",
+}  # fmt: skip
 
 
 @dataclass
@@ -194,16 +198,21 @@ def backbone_features(model, ds: ScanDataset, device, cfg: Config) -> torch.Tens
     return torch.cat(out) if out else torch.zeros(0)
 
 
-def train_sampler(cfg: Config, data: TrainData, epoch: int, run: RunContext, gen: torch.Generator):
-    """This epoch's order: distributed, label x source balanced, or a plain shuffle (seeded by ``gen``)."""
-    if run.distributed:
-        sampler = DistributedSampler(data.train, shuffle=True, seed=cfg.train.seed)
-        sampler.set_epoch(epoch)
-        return sampler
+def epoch_order(cfg: Config, data: TrainData, gen: torch.Generator) -> list[int]:
+    """This epoch's order of training positions, the same on every process (seeded by ``gen``):
+    label x source balanced draws (``train.sampler=balanced``) or a permutation."""
+    n = len(data.train)
     if cfg.train.sampler == "balanced":
         w = balanced_weights([r.label for r in data.train_records], [r.source for r in data.train_records])
-        return WeightedRandomSampler(w, num_samples=len(data.train), replacement=True, generator=gen)
-    return RandomSampler(data.train, generator=gen)
+        return torch.multinomial(w, n, replacement=True, generator=gen).tolist()
+    return torch.randperm(n, generator=gen).tolist()
+
+
+def rank_share(order: list[int], rank: int, world: int) -> list[int]:
+    """Positions ``rank, rank + world, ...`` of ``order``: the processes' shares cover the epoch exactly
+    once (no padding, no overlap), and batch ``k`` of every process together is batch ``k`` of one
+    process with ``world`` times the batch size."""
+    return order[rank::world]
 
 
 def num_workers(cfg: Config, device: torch.device) -> int:
@@ -217,39 +226,48 @@ class DeviceBatches:
     """Training batches drawn from images already on the training device and augmented there as a
     batch (``train.device_data``): no per-image CPU work and no host-to-device copy per step.
 
-    ``order``: this epoch's dataset positions (from the same samplers as the DataLoader path).
-    Items are dicts like :class:`ScanDataset`'s: ``image`` (``N x 1 x S x S`` uint8), ``label``, ``index``.
+    ``order``: this process's positions for the epoch (:func:`epoch_order`, :func:`rank_share`);
+    batches from ``start`` on (a resumed epoch). Batch ``b``'s augmentation draws from ``gen``
+    seeded with ``(seed, b)``, so a resumed epoch augments its remaining batches as an
+    uninterrupted one would. Items are dicts like :class:`ScanDataset`'s: ``image``
+    (``N x 1 x S x S`` uint8), ``label``, ``index``.
     """
 
-    def __init__(self, images, labels, ds: ScanDataset, order: list[int], batch_size: int, drop_last: bool, aug, gen):
+    def __init__(
+        self, images, labels, ds: ScanDataset, order: list[int], batch_size: int, drop_last: bool, aug, gen,
+        *, seed: int = 0, start: int = 0,
+    ):  # fmt: skip
         self.images, self.labels = images, labels
         self.rows = torch.as_tensor(ds.indices, device=images.device)[torch.as_tensor(order, device=images.device)]
-        self.batch_size, self.aug, self.gen = batch_size, aug, gen
+        self.batch_size, self.aug, self.gen, self.seed, self.start = batch_size, aug, gen, seed, start
         n = len(order)
         self.n_batches = n // batch_size if drop_last else -(-n // batch_size)
 
     def __len__(self) -> int:
-        return self.n_batches
+        return self.n_batches - self.start
 
     def __iter__(self):
-        for b in range(self.n_batches):
+        for b in range(self.start, self.n_batches):
             rows = self.rows[b * self.batch_size : (b + 1) * self.batch_size]
             x = self.images[rows]
             if self.aug is not None:
+                self.gen.manual_seed(self.seed * 1_000_003 + b)
                 x = batch_augment(x, self.aug, self.gen)
             yield {"image": x, "label": self.labels[rows], "index": rows}
 
 
-def device_loader(cfg: Config, data: TrainData, sampler, device, seed: int) -> DeviceBatches:
+def device_loader(cfg: Config, data: TrainData, order: list[int], device, seed: int, start: int = 0) -> DeviceBatches:
     """The ``train.device_data`` counterpart of the training DataLoader (images moved once, then reused)."""
+    if not isinstance(data.store, ImageStore):
+        raise ConfigError("train.device_data needs the images in memory; it does not stream a packed dataset")
     if data.device_images is None:
         data.device_images = data.store.images.to(device)
         data.device_labels = torch.as_tensor(data.train.targets, device=device)
-    gen = torch.Generator(device=device).manual_seed(seed)
+    gen = torch.Generator(device=device)
     aug = cfg.augment if cfg.augment.enabled else None
     return DeviceBatches(
-        data.device_images, data.device_labels, data.train, list(sampler), cfg.train.batch_size,
-        len(data.train) > cfg.train.batch_size, aug, gen,
+        data.device_images, data.device_labels, data.train, order, cfg.train.batch_size,
+        len(order) > cfg.train.batch_size, aug, gen, seed=seed, start=start,
     )  # fmt: skip
 
 
@@ -269,13 +287,32 @@ def class_weights(cfg: Config, labels: list[int], num_classes: int, device) -> t
     return torch.tensor(counts.sum() / np.maximum(counts, 1) / len(counts), dtype=torch.float32, device=device)
 
 
+@dataclass
+class EpochProgress:
+    """Where an epoch stands: optimizer steps done and the running sums behind its train metrics."""
+
+    step: int = 0
+    seen: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+
+    def metrics(self) -> dict:
+        n = max(self.seen, 1)
+        return {"train_loss": self.loss_sum / n, "train_acc": self.correct / n, "seen": self.seen}
+
+
 def train_one_epoch(
-    net, loader, optimizer, *, pre, device, autocast, class_w=None, channels_last=False, max_batches=0, bar=None
-) -> dict:
-    """One pass over ``loader``; returns ``{"train_loss", "train_acc", "seen"}`` (means over images)."""
-    seen, correct, loss_sum = 0, 0, 0.0
-    for b, batch in enumerate(loader):
-        if max_batches and b >= max_batches:
+    net, loader, optimizer, *, pre, device, autocast, class_w=None, channels_last=False, max_batches=0, bar=None,
+    progress: EpochProgress | None = None, on_step=None,
+) -> dict:  # fmt: skip
+    """One pass over ``loader``; returns ``{"train_loss", "train_acc", "seen"}`` (means over images).
+
+    ``progress``: continue an epoch resumed after ``progress.step`` steps (``loader`` then yields the
+    remaining batches only); ``on_step(progress)`` is called after every optimizer step.
+    """
+    p = progress or EpochProgress()
+    for batch in loader:
+        if max_batches and p.step >= max_batches:
             break
         x = model_input(batch["image"], pre, device)
         if channels_last:
@@ -288,13 +325,16 @@ def train_one_epoch(
         loss.backward()
         optimizer.step()
         n = y.numel()
-        seen += n
-        loss_sum += loss.item() * n
-        correct += (logits.argmax(1) == y).sum().item()
+        p.step += 1
+        p.seen += n
+        p.loss_sum += loss.item() * n
+        p.correct += (logits.argmax(1) == y).sum().item()
         if bar is not None:
             bar.update()
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.3f}")
-    return {"train_loss": loss_sum / max(seen, 1), "train_acc": correct / max(seen, 1), "seen": seen}
+            bar.set_postfix(loss=f"{p.loss_sum / p.seen:.4f}", acc=f"{p.correct / p.seen:.3f}")
+        if on_step is not None:
+            on_step(p)
+    return p.metrics()
 
 
 def validate(net, loader, *, pre, device, autocast) -> dict:
@@ -343,6 +383,19 @@ class CheckpointKeeper:
     def last_path(self) -> Path:
         return self.out / "last.pt"
 
+    @property
+    def step_path(self) -> Path:
+        return self.out / "step.pt"
+
+    def save_step(self, epoch: int, progress: EpochProgress, model, optimizer) -> None:
+        """``step.pt``: the model in the middle of ``epoch`` after ``progress.step`` steps, with what
+        resuming needs to end as an uninterrupted run would (optimizer, running metrics, random state).
+        Written atomically: a run killed while writing keeps the previous one."""
+        ts = self.state(optimizer, epoch - 1)
+        ts["in_epoch"] = {"epoch": epoch, "progress": dataclasses.asdict(progress), "rng": torch.get_rng_state()}
+        meta = self.meta.replace(epoch=epoch - 1, val_metrics={"step": progress.step})
+        save_checkpoint(self.step_path, _cpu_state(model), meta, ts)
+
     def state(self, optimizer, epoch: int) -> dict:
         return {
             "optimizer": optimizer.state_dict(),
@@ -354,11 +407,12 @@ class CheckpointKeeper:
             "history": self.history,
         }
 
-    def restore(self, ts: dict) -> int:
-        """Take a ``last.pt`` train state; returns the next epoch to run."""
+    def restore(self, ts: dict) -> tuple[int, dict | None]:
+        """Take the train state of ``last.pt`` or ``step.pt``; returns the epoch to run and, for a
+        step checkpoint, where in that epoch to continue (``run_epoch``'s ``resume``)."""
         self.best_value, self.best_epoch, self.bad_epochs = ts["best_value"], ts["best_epoch"], ts["bad_epochs"]
         self.best_metrics, self.history = ts["best_metrics"], list(ts["history"])
-        return ts["epoch"] + 1
+        return ts["epoch"] + 1, ts.get("in_epoch")
 
     def update(self, epoch: int, row: dict, model, optimizer) -> bool:
         self.history.append(row)
@@ -374,6 +428,7 @@ class CheckpointKeeper:
         else:
             self.bad_epochs += 1
         save_checkpoint(self.last_path, state, self.meta.replace(epoch=epoch, val_metrics=row), self.state(optimizer, epoch))
+        self.step_path.unlink(missing_ok=True)  # the epoch is complete: last.pt is the newer state
         if self.patience and self.bad_epochs >= self.patience:
             logger.info("early stopping: no %s improvement for %d epochs", self.monitor, self.bad_epochs)
             return True
@@ -415,6 +470,31 @@ def checkpoint_meta(cfg: Config, split: Split, data: TrainData, backbone: str, w
 # --- the loop -------------------------------------------------------------------------------
 
 
+def resume_state(out: Path) -> dict:
+    """The newest resumable state of the run in ``out``: ``step.pt`` when it is ahead of ``last.pt``
+    (a run stopped in the middle of an epoch), else ``last.pt``.
+
+    Raises:
+        ConfigError: neither file holds a training state.
+    """
+    found = {}
+    for name in ("last.pt", "step.pt"):
+        if (out / name).is_file():
+            obj = load_checkpoint(out / name)
+            if "train_state" not in obj:
+                raise ConfigError(f"{out / name}: holds no training state to resume from")
+            found[name] = obj
+    if not found:
+        raise ConfigError(f"{out}: nothing to resume (no last.pt or step.pt)")
+    if "step.pt" in found and (
+        "last.pt" not in found or found["step.pt"]["train_state"]["epoch"] >= found["last.pt"]["train_state"]["epoch"]
+    ):
+        ts = found["step.pt"]["train_state"]
+        logger.info("resuming from step %d of epoch %d", ts["in_epoch"]["progress"]["step"], ts["in_epoch"]["epoch"])
+        return found["step.pt"]
+    return found["last.pt"]
+
+
 def train(
     cfg: Config | None,
     data=None,
@@ -444,9 +524,7 @@ def train(
     check_run_folder(out, resume=resume, overwrite=overwrite)
     state = None
     if resume:
-        state = load_checkpoint(out / "last.pt")
-        if "train_state" not in state:
-            raise ConfigError(f"{out / 'last.pt'}: holds no training state to resume from")
+        state = resume_state(out)
         saved = config_from_dict(state["meta"].config, str(out / "last.pt"))
         cfg = resumed_config(saved, cfg, out)
         split_file = out / "split.csv"
@@ -519,26 +597,36 @@ def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
 
 
 def run_epoch(
-    cfg: Config, epoch: int, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper, *, progress: bool
-) -> bool:
-    """Train one epoch, validate and checkpoint on the main process; True when training should stop."""
+    cfg: Config, epoch: int, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper, *,
+    progress: bool, resume: dict | None = None,
+) -> bool:  # fmt: skip
+    """Train one epoch, validate and checkpoint on the main process; True when training should stop.
+
+    ``resume``: the train state of a step checkpoint of this epoch; the epoch continues after its
+    last step with its running metrics and random state.
+    """
     t0, device = time.perf_counter(), run.device
     seed = cfg.train.seed * 100_003 + epoch
-    torch.manual_seed(seed)  # inside train()'s fork_rng: augmentation and dropout of this epoch
+    torch.manual_seed(seed)  # inside train()'s fork_rng: dropout of this epoch
     gen = torch.Generator().manual_seed(seed)
+    order = rank_share(epoch_order(cfg, data, gen), run.rank, run.world)
+    bs = cfg.train.batch_size
+    drop_last = len(order) > bs
+    done = EpochProgress()
+    seen_before = 0
+    if resume is not None:
+        done = EpochProgress(**resume["progress"])
+        torch.set_rng_state(resume["rng"])
+        seen_before = done.seen
+    if isinstance(data.train, ScanDataset):
+        data.train.seed = seed  # augmentation: one draw per (epoch, image), whatever process or worker loads it
     loader_kw = dict(num_workers=fit.workers, pin_memory=device.type == "cuda")
-    sampler = train_sampler(cfg, data, epoch, run, gen)
     if cfg.train.device_data and not fit.fast:
-        loader = device_loader(cfg, data, sampler, device, seed)
+        loader = device_loader(cfg, data, order, device, seed, start=done.step)
     else:
-        loader = DataLoader(
-            data.train,
-            batch_size=cfg.train.batch_size,
-            sampler=sampler,
-            drop_last=len(data.train) > cfg.train.batch_size,
-            generator=gen,
-            **loader_kw,
-        )
+        # generator=gen: the loader's worker seed is not drawn from the global generator (dropout's)
+        rest = order[done.step * bs :]
+        loader = DataLoader(data.train, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
     autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
     fit.net.train()
     if cfg.model.freeze_backbone:
@@ -548,10 +636,16 @@ def run_epoch(
         if progress and run.is_main
         else None
     )
-    done = train_one_epoch(
-        fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
-        channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-    )  # fmt: skip
+    every = cfg.train.checkpoint_every
+    on_step = None
+    if every and run.is_main:
+        on_step = lambda p: p.step % every == 0 and keeper.save_step(epoch, p, model, fit.optimizer)  # noqa: E731
+    with fit.net.join() if isinstance(fit.net, DDP) else nullcontext():  # processes may get one batch more or less
+        done = train_one_epoch(
+            fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
+            channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
+            progress=done, on_step=on_step,
+        )  # fmt: skip
     if bar is not None:
         bar.close()
     if cfg.train.precise_bn and not cfg.model.freeze_backbone:
@@ -562,7 +656,7 @@ def run_epoch(
         val_loader = DataLoader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
         row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
         row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
-        row.update(train_images_per_s=done["seen"] / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
+        row.update(train_images_per_s=(done["seen"] - seen_before) / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
         if device.type == "cuda":
             row["peak_gpu_mib"] = torch.cuda.max_memory_allocated(device) / 2**20
         logger.info(
@@ -608,14 +702,15 @@ def _fit(
 ) -> TrainResult:
     fit = prepare(cfg, model, data, run)
     writer = tensorboard_writer(cfg, keeper.out, run)
-    start_epoch = 1
+    start_epoch, in_epoch = 1, None
     if state is not None:
         model.load_state_dict(state["state_dict"])
         fit.optimizer.load_state_dict(state["train_state"]["optimizer"])
-        start_epoch = keeper.restore(state["train_state"])
+        start_epoch, in_epoch = keeper.restore(state["train_state"])
         logger.info("resuming %s at epoch %d", keeper.out, start_epoch)
     for epoch in range(start_epoch, cfg.train.epochs + 1):
-        stop = run_epoch(cfg, epoch, model, fit, data, run, keeper, progress=progress)
+        stop = run_epoch(cfg, epoch, model, fit, data, run, keeper, progress=progress, resume=in_epoch)
+        in_epoch = None
         if writer is not None and keeper.history:
             _log_epoch(writer, keeper.history[-1])
         if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):

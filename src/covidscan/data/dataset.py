@@ -142,6 +142,7 @@ class ScanDataset(Dataset):
         self.targets = targets
         self.pre = pre
         self.augment = augment
+        self.seed: int | None = None  # set per epoch by the training loop: augmentation seeded per (seed, image)
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -153,7 +154,12 @@ class ScanDataset(Dataset):
         i = self.indices[k]
         x = self.store.images[i]  # 1 x S x S uint8
         if self.augment is not None:
-            x = self.augment(x)
+            if self.seed is None:
+                x = self.augment(x)
+            else:  # the same draw whichever process, worker or resumed run loads this image this epoch
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(self.seed * 1_000_003 + i)
+                    x = self.augment(x)
         return {"image": x, "label": self.targets[i], "index": i}
 
 
