@@ -46,7 +46,14 @@ from covidscan.appearance import appearance_reference
 from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
 from covidscan.config import Config, config_diff, config_from_dict, save_config
 from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
-from covidscan.data.dataset import FeatureDataset, ImageStore, ScanDataset, balanced_weights, default_cache_dir
+from covidscan.data.dataset import (
+    FeatureDataset,
+    ImageStore,
+    ScanDataset,
+    balanced_weights,
+    default_cache_dir,
+    open_store,
+)
 from covidscan.data.transforms import Preprocess, batch_augment, build_augment, model_input
 from covidscan.errors import ConfigError, DataError
 from covidscan.evaluation import predict_loader
@@ -56,6 +63,7 @@ from covidscan.runtime import RunContext, autocast_for
 
 logger = logging.getLogger(__name__)
 
+REFERENCE_IMAGES = 4096  # training images behind the appearance reference (all of a smaller set)
 RUN_FILES = ("best.pt", "last.pt", "step.pt", "history.jsonl")
 #: settings that may change when a run is resumed (they do not change what was already trained)
 RESUMABLE = {
@@ -170,7 +178,7 @@ def build_datasets(cfg: Config, split: Split, pre: Preprocess, *, progress: bool
     targets = index.targets()
     tr_idx, va_idx = split.indices("train"), split.indices("val")
     need = sorted(set(tr_idx) | set(va_idx))
-    store = ImageStore([index.records[i] for i in need], pre, cache_dir=_cache_dir(cfg), progress=progress)
+    store = open_store([index.records[i] for i in need], pre, packed=index.packed, cache_dir=_cache_dir(cfg), progress=progress)
     pos = {i: k for k, i in enumerate(need)}  # dataset index -> store row
     store_targets = [targets[i] for i in need]
     train_ds = ScanDataset(store, [pos[i] for i in tr_idx], store_targets, pre, build_augment(cfg.augment, pre.image_size))
@@ -446,6 +454,7 @@ def checkpoint_meta(cfg: Config, split: Split, data: TrainData, backbone: str, w
     """Everything a checkpoint of this run records about itself (:class:`CheckpointMeta`)."""
     index = split.index
     valid_train = [k for k in data.train.indices if data.store.valid[k]]
+    valid_train = valid_train[:: max(1, -(-len(valid_train) // REFERENCE_IMAGES))]  # evenly spaced, at most 4096 images
     return CheckpointMeta(
         task=index.task,
         class_names=tuple(index.class_names),

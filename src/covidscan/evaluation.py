@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data import DatasetIndex, load_dataset, read_split
-from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir
+from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir, open_store
 from covidscan.data.transforms import Preprocess, model_input
 from covidscan.errors import DataError
 from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
@@ -82,7 +82,7 @@ def predict_index(
     """Softmax probabilities of ``model`` for every readable image of ``index`` (``tta``: with its mirror image)."""
     dev = resolve_device(device)
     pre = meta.preprocess
-    store = store or ImageStore(index.records, pre, cache_dir=cache_dir, progress=progress)
+    store = store or open_store(index.records, pre, packed=index.packed, cache_dir=cache_dir, progress=progress)
     targets = [meta.class_names.index(r.label) for r in index.records]
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = DataLoader(ds, batch_size=batch_size, shuffle=False)

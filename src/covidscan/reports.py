@@ -284,7 +284,8 @@ def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0, err
         ax.axis("off")
     for ax, i in zip(axes.flat, picks):
         rec = preds.index.records[i]
-        img = read_image(rec.path).pixels
+        packed = preds.index.packed
+        img = packed.read(rec.packed_row) if packed is not None else read_image(rec.path).pixels
         ax.imshow(img if img.ndim == 3 else img, cmap=None if img.ndim == 3 else "gray")
         p = preds.probs[i]
         k = int(p.argmax())

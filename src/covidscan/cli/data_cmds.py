@@ -1,4 +1,4 @@
-"""``stats`` and ``split``: dataset commands that never load torch."""
+"""``stats``, ``split`` and ``pack``: dataset commands (only ``pack`` loads torch)."""
 
 from __future__ import annotations
 
@@ -51,6 +51,31 @@ def cmd_split(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    from covidscan.config import load_config
+    from covidscan.data.packed import pack
+    from covidscan.data.transforms import Preprocess
+    from covidscan.models import get_backbone
+
+    sets = [*args.set, *([f"data.image_size={args.size}"] if args.size else [])]
+    cfg = load_config(args.config, sets)
+    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data)
+    result = pack(
+        args.data, args.out, pre, task=args.task or (cfg.data.task if args.config else None), shard_images=args.shard_images, workers=args.workers,
+        progress=not args.quiet, overwrite=args.overwrite,
+    )  # fmt: skip
+    for path, reason in result.skipped[:10]:
+        logger.warning("skipped %s: %s", path, reason)
+    if len(result.skipped) > 10:
+        logger.warning("... and %d more unreadable image(s): see %s", len(result.skipped) - 10, result.out / "skipped.csv")
+    print(
+        f"packed {result.images} images ({pre.image_size} px, preprocessing {pre.cache_key()}) into {result.out}: "
+        f"{result.bytes / 2**20:.0f} MiB, {result.seconds:.0f} s, {result.images_per_s:.0f} images/s"
+        + (f"; {len(result.skipped)} unreadable skipped" if result.skipped else "")
+    )
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("stats", help="per-class image counts and resolution statistics (paper Tables I/II)")
     common.add_data(p)
@@ -74,3 +99,20 @@ def register(sub) -> None:
         help="grouped (default, patient-level) or paper (image-level 80/20 as Berrimi et al.)",
     )
     p.set_defaults(func=cmd_split)
+
+    p = sub.add_parser(
+        "pack", help="decode and preprocess a dataset once into shards streamed by train / evaluate / loso (large datasets)"
+    )
+    common.add_data(p)
+    common.add_task(p)
+    common.add_out(p, "packed folder to write (give it as --data to train, evaluate or loso)")
+    common.add_config(p)
+    common.add_set(p)
+    p.add_argument(
+        "--size", type=int, default=0, help="image side in pixels (default: the config's data.image_size, else the backbone's)"
+    )
+    p.add_argument("--shard-images", type=int, default=4096, help="images per shard file")
+    p.add_argument("--workers", type=int, default=None, help="decoding threads (default: cores, at most 8)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing packed folder")
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_pack)

@@ -117,6 +117,16 @@ class ImageStore:
         return img
 
 
+def open_store(records: list[Record], pre: Preprocess, *, packed=None, **kw):
+    """The images of ``records``: read from their pack (``packed``: ``DatasetIndex.packed``) as a
+    :class:`~covidscan.data.packed.PackedStore` streamed from disk, else decoded into an :class:`ImageStore`."""
+    if packed is not None:
+        from covidscan.data.packed import PackedStore
+
+        return PackedStore(packed, records, pre)
+    return ImageStore(records, pre, **kw)
+
+
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")

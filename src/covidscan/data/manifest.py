@@ -28,6 +28,7 @@ from covidscan.labels import TASKS, check_label
 logger = logging.getLogger(__name__)
 
 MANIFEST_NAME = "manifest.csv"
+PACKED_META = "packed.json"  # covidscan.data.packed: a folder holding it is a packed dataset
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class Record:
     source: str = ""
     dataset: str = ""
     row: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+    packed_row: int | None = field(default=None, compare=False, hash=False, repr=False)  # row in a packed dataset
 
     @property
     def group(self) -> str:
@@ -59,6 +61,7 @@ class DatasetIndex:
     task: str
     records: list[Record]
     origins: list[Path]
+    packed: object | None = None  # covidscan.data.packed.PackedImages when the records come from a pack
 
     @property
     def class_names(self) -> tuple[str, ...]:
@@ -105,7 +108,7 @@ class DatasetIndex:
         return h.hexdigest()
 
     def subset(self, keep: Iterable[int]) -> DatasetIndex:
-        return DatasetIndex(self.task, [self.records[i] for i in keep], self.origins)
+        return DatasetIndex(self.task, [self.records[i] for i in keep], self.origins, self.packed)
 
 
 def infer_task(labels: Iterable[str]) -> str:
@@ -141,7 +144,10 @@ def read_manifest(csv_path: Path) -> list[Record]:
         if not rel or not label:
             raise ValueError(f"{csv_path}:{n}: empty file or label")
         path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
-        if not path.is_file():
+        packed = _clean(row.get("packed"))  # a split of a packed dataset: the image is a row of the pack
+        if packed:
+            row = {**row, "packed": str((root / packed).resolve())}
+        elif not path.is_file():
             missing.append(f"{rel} (line {n})")
             continue
         source = _clean(row.get("source")) or _clean(row.get("source_repo")) or root.name
@@ -152,8 +158,9 @@ def read_manifest(csv_path: Path) -> list[Record]:
                 group_id=_clean(row.get("group_id")),
                 patient_id=_clean(row.get("patient_id")),
                 source=source,
-                dataset=root.name,
+                dataset=_clean(row.get("dataset")) or root.name,
                 row=dict(row),
+                packed_row=int(row["packed_row"]) if packed else None,
             )
         )
     if missing:
@@ -199,6 +206,10 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
             raise FileNotFoundError(f"{p}: no such file or folder")
         if p.is_file():
             recs = read_manifest(p)
+        elif (p / PACKED_META).is_file():
+            from covidscan.data.packed import read_packed
+
+            recs, _ = read_packed(p)
         elif (p / MANIFEST_NAME).is_file():
             recs = read_manifest(p / MANIFEST_NAME)
         else:
@@ -218,4 +229,27 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     dupes = [r.path for r in records if r.path in seen or seen.add(r.path)]
     if dupes:
         raise ValueError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
-    return DatasetIndex(task=task, records=records, origins=paths)
+    return DatasetIndex(task=task, records=records, origins=paths, packed=_open_pack(records))
+
+
+def _open_pack(records: list[Record]):
+    """The pack the records come from (None for files); every record must come from one pack, with
+    the label and key the pack gives that row (else a split or manifest and the pack disagree)."""
+    packs = {r.row["packed"] for r in records if r.packed_row is not None}
+    if not packs:
+        return None
+    if len(packs) > 1 or any(r.packed_row is None for r in records):
+        raise ValueError(
+            "a packed dataset cannot be merged with other data or packs; pack them together: covidscan pack A B --out P"
+        )
+    from covidscan.data.packed import read_packed
+
+    folder = packs.pop()
+    own, images = read_packed(folder)
+    for r in records:
+        if r.packed_row >= len(own) or own[r.packed_row].path != r.path or own[r.packed_row].label != r.label:
+            raise ValueError(
+                f"{r.path} ({r.label}): row {r.packed_row} of the pack {folder} holds another image or label; "
+                "the pack changed since this list was written"
+            )
+    return images

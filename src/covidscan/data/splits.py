@@ -181,9 +181,21 @@ def write_split(split: Split, out: str | Path) -> Path:
                 "source",
                 "split",
                 "protocol",
+                "packed",
             ):
                 extra_cols.append(k)
-    cols = ["file", "label", "split", "group_id", "patient_id", "source", "protocol", *extra_cols]
+    packed = any(r.packed_row is not None for r in split.index.records)
+    cols = [
+        "file",
+        "label",
+        "split",
+        "group_id",
+        "patient_id",
+        "source",
+        "protocol",
+        *(["packed"] if packed else []),
+        *extra_cols,
+    ]
     tmp = out.with_name(out.name + ".tmp")
     with open(tmp, "w", newline="", encoding="utf-8") as fh:
         w = csv.DictWriter(fh, fieldnames=cols)
@@ -199,6 +211,8 @@ def write_split(split: Split, out: str | Path) -> Path:
                 source=r.source,
                 protocol=split.protocol,
             )
+            if r.packed_row is not None:  # relative like file, so a run folder moved with its pack still resumes
+                row.update(packed=os.path.relpath(r.row["packed"], base), packed_row=r.packed_row)
             w.writerow(row)
     os.replace(tmp, out)
     return out

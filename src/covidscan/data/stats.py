@@ -73,6 +73,7 @@ def compute_stats(index: DatasetIndex, *, original: bool = False, strict: bool =
     """
     per_class: dict[str, dict[str, list]] = {n: {"w": [], "h": [], "fmt": [], "mode": [], "src": []} for n in index.class_names}
     skipped: list[tuple[str, str]] = []
+    original = original or index.packed is not None  # a pack keeps each file's size from when it was packed
     for rec in index.records:
         if original:
             try:

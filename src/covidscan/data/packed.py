@@ -1,0 +1,365 @@
+"""Packed datasets: decode and preprocess once, then stream the ``uint8`` images from disk.
+
+``covidscan pack DATA... --out PACKED`` writes::
+
+    PACKED/packed.json       format, task, preprocessing key, image size, shards (images, bytes)
+    PACKED/index.csv         one row per image: key, label, group_id, patient_id, source, dataset, row
+    PACKED/shard-00000.u8    a 4 KiB header (format, pack id, preprocessing key), then N x S x S uint8
+    PACKED/skipped.csv       images that could not be read, with the reason (only when there are some)
+
+Why fixed-size raw records rather than WebDataset tar shards or LitData chunks (both compared in
+``docs/results/performance.md``): the images are already decoded, resized and 8-bit, so an item
+is one ``os.pread`` at ``header + row * S * S`` with nothing to decode; random access keeps the
+training loop's map-style dataset, so the seeded epoch order, its exact division across
+processes and workers (:func:`covidscan.engine.rank_share`) and mid-epoch resume work unchanged;
+and it needs no new dependency. ``pread`` rather than ``mmap``: pages read stay in the OS page
+cache, not in the process's resident memory, so RSS stays flat however large the pack.
+
+A packed folder is a dataset like any other: ``load_dataset(PACKED)`` gives its records (labels,
+groups, sources) and ``DatasetIndex.packed`` the images; splits by group work as on the
+original files. Shards are named relative to the folder, so a pack can be moved or copied to
+another machine. A truncated shard, a shard of another pack or preprocessing setting, or an
+index that does not match the metadata is a :class:`~covidscan.errors.DataError` naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from covidscan.data.io import ImageReadError, read_bytes
+from covidscan.data.manifest import DatasetIndex, Record, load_dataset
+from covidscan.data.transforms import Preprocess, to_gray_uint8
+from covidscan.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+META_NAME = "packed.json"
+INDEX_NAME = "index.csv"
+FORMAT = "covidscan-packed"
+VERSION = 1
+HEADER = 4096  # bytes before the first image of a shard (JSON, space padded): page aligned
+INDEX_FIELDS = ("key", "label", "group_id", "patient_id", "source", "dataset", "row", "width", "height", "format", "mode")
+
+
+def is_packed(path: str | Path) -> bool:
+    """True for a folder written by :func:`pack`."""
+    return (Path(path) / META_NAME).is_file()
+
+
+def _header(pack_id: str, shard: int, key: str, count: int) -> bytes:
+    text = json.dumps(
+        {"format": FORMAT, "version": VERSION, "pack_id": pack_id, "shard": shard, "preprocess": key, "count": count}
+    )
+    return text.encode().ljust(HEADER, b" ")
+
+
+class PackedImages:
+    """The images of a packed folder: ``packed[row]`` is a ``1 x S x S`` uint8 tensor.
+
+    Opening checks every shard's size and header against ``packed.json``. Files are opened
+    lazily in each process (DataLoader workers open their own) and read with ``os.pread``.
+
+    Raises:
+        DataError: missing or unreadable metadata, a missing or truncated shard, a shard of
+            another pack or preprocessing setting.
+    """
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).resolve()
+        meta_path = self.folder / META_NAME
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataError(f"{meta_path}: not a readable packed dataset ({exc})") from None
+        if meta.get("format") != FORMAT or meta.get("version") != VERSION:
+            raise DataError(f"{meta_path}: not a covidscan packed dataset of version {VERSION}")
+        self.meta = meta
+        self.size = int(meta["image_size"])
+        self.preprocess = Preprocess.from_dict(meta["preprocess"])
+        self.key = meta["preprocess_key"]
+        self.item_bytes = self.size * self.size
+        self.shards: list[Path] = []
+        starts = [0]
+        for k, sh in enumerate(meta["shards"]):
+            path = self.folder / sh["file"]
+            expected = HEADER + sh["count"] * self.item_bytes
+            if not path.is_file():
+                raise DataError(f"{path}: shard missing from the packed dataset")
+            found = path.stat().st_size
+            if found != expected:
+                raise DataError(f"{path}: truncated or damaged shard ({found} bytes, expected {expected}); pack again")
+            with open(path, "rb") as fh:
+                head = fh.read(HEADER)
+            try:
+                h = json.loads(head.decode().strip())
+            except ValueError:
+                raise DataError(f"{path}: shard header unreadable; pack again") from None
+            if h.get("pack_id") != meta["pack_id"] or h.get("shard") != k or h.get("preprocess") != self.key:
+                raise DataError(
+                    f"{path}: shard of another pack or preprocessing setting "
+                    f"(its preprocessing {h.get('preprocess')!r}, this pack's {self.key!r}); pack again"
+                )
+            self.shards.append(path)
+            starts.append(starts[-1] + sh["count"])
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def __getstate__(self):  # DataLoader workers: open the shards again in the new process
+        state = dict(self.__dict__)
+        state["_fds"], state["_pid"] = {}, -1
+        return state
+
+    def _fd(self, shard: int) -> int:
+        if self._pid != os.getpid():
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
+        return fd
+
+    def read(self, row: int) -> np.ndarray:
+        """Row ``row`` as an ``S x S`` uint8 array."""
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} outside the pack's {len(self)} images")
+        shard = int(np.searchsorted(self.starts, row, side="right") - 1)
+        offset = HEADER + (row - int(self.starts[shard])) * self.item_bytes
+        buf = os.pread(self._fd(shard), self.item_bytes, offset)
+        if len(buf) != self.item_bytes:
+            raise DataError(f"{self.shards[shard]}: short read at row {row}; the shard changed since it was opened")
+        return np.frombuffer(buf, dtype=np.uint8).reshape(self.size, self.size)
+
+    def __getitem__(self, row: int) -> torch.Tensor:
+        return torch.from_numpy(self.read(int(row)).copy())[None]
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds = {}
+
+
+class PackedRows:
+    """``images[k]`` of a :class:`PackedStore`: row ``rows[k]`` of the pack; a list, array or
+    tensor of positions gives an ``N x 1 x S x S`` batch (read one by one, never the whole pack)."""
+
+    def __init__(self, packed: PackedImages, rows: list[int]):
+        self.packed, self.rows = packed, list(rows)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k):
+        if isinstance(k, torch.Tensor) and k.dtype == torch.bool:
+            k = torch.nonzero(k).flatten()
+        if isinstance(k, np.ndarray) and k.dtype == bool:
+            k = np.flatnonzero(k)
+        if isinstance(k, (list, tuple, np.ndarray, torch.Tensor)):
+            items = [self.packed[self.rows[int(i)]] for i in k]
+            s = self.packed.size
+            return torch.stack(items) if items else torch.zeros((0, 1, s, s), dtype=torch.uint8)
+        return self.packed[self.rows[int(k)]]
+
+
+class PackedStore:
+    """The streamed counterpart of :class:`~covidscan.data.dataset.ImageStore` (same attributes):
+    ``images[i]`` reads ``records[i]`` from the pack on demand.
+
+    Raises:
+        DataError: the pack was made with other preprocessing than ``pre`` (its key differs).
+    """
+
+    def __init__(self, packed: PackedImages, records: list[Record], pre: Preprocess):
+        if packed.key != pre.cache_key():
+            raise DataError(
+                f"{packed.folder} was packed with preprocessing {packed.key!r}; this model needs {pre.cache_key()!r} "
+                f"(image size {pre.image_size}): pack again with those settings, or train with the pack's"
+            )
+        self.pre, self.size, self.records, self.hits = pre, pre.image_size, records, 0
+        self.images = PackedRows(packed, [r.packed_row for r in records])
+        self.valid = np.ones(len(records), dtype=bool)
+        self.skipped: list[tuple[str, str]] = []
+
+
+def read_packed(folder: str | Path) -> tuple[list[Record], PackedImages]:
+    """The records and images of a packed folder (see the module docstring).
+
+    Raises:
+        DataError: the index is missing, unreadable or does not match the shards.
+    """
+    images = PackedImages(folder)
+    path = images.folder / INDEX_NAME
+    try:
+        with open(path, newline="", encoding="utf-8") as fh:
+            rows = list(csv.DictReader(fh))
+    except OSError as exc:
+        raise DataError(f"{path}: index of the packed dataset unreadable ({exc})") from None
+    if len(rows) != len(images) or any(int(r["row"]) != i for i, r in enumerate(rows)):
+        raise DataError(f"{path}: the index lists {len(rows)} images, the shards hold {len(images)}; pack again")
+    records = [
+        Record(
+            path=images.folder / r["key"],
+            label=r["label"],
+            group_id=r["group_id"] or None,
+            patient_id=r["patient_id"] or None,
+            source=r["source"],
+            dataset=r["dataset"],
+            row={
+                "packed": str(images.folder),
+                "packed_row": r["row"],
+                "original_width": r["width"],
+                "original_height": r["height"],
+                "original_format": r["format"],
+                "original_mode": r["mode"],
+            },  # fmt: skip
+            packed_row=int(r["row"]),
+        )
+        for r in rows
+    ]
+    return records, images
+
+
+@dataclass
+class PackResult:
+    out: Path
+    images: int
+    skipped: list[tuple[str, str]]
+    seconds: float
+    bytes: int
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+def _keys(index: DatasetIndex) -> list[str]:
+    """Unique keys for the records: their paths relative to the common folder of all of them."""
+    paths = [str(r.path) for r in index.records]
+    common = os.path.commonpath(paths) if len(paths) > 1 else str(Path(paths[0]).parent)
+    return [os.path.relpath(p, common) for p in paths]
+
+
+def _decode(rec: Record, pre: Preprocess) -> tuple[np.ndarray, dict] | ImageReadError:
+    """The preprocessed ``S x S`` image and the file's own facts (size, format, mode: for ``stats``)."""
+    try:
+        data = rec.path.read_bytes()
+    except OSError as exc:
+        return ImageReadError(rec.path, f"cannot read file ({exc})")
+    try:
+        scan = read_bytes(data, name=str(rec.path))
+        facts = {"width": scan.width, "height": scan.height, "format": scan.format, "mode": scan.mode}
+        return to_gray_uint8(scan, pre)[0].numpy(), facts
+    except ImageReadError as exc:
+        return exc
+
+
+def pack(
+    data,
+    out: str | Path,
+    pre: Preprocess,
+    *,
+    task: str | None = None,
+    shard_images: int = 4096,
+    workers: int | None = None,
+    progress: bool = False,
+    overwrite: bool = False,
+) -> PackResult:
+    """Decode and preprocess every image of ``data`` (folders / manifests) once into ``out``.
+
+    Images are decoded in a thread pool (decoding and resizing release the GIL) and written in
+    dataset order, ``shard_images`` per shard. The pack is built in a temporary folder beside
+    ``out`` and renamed into place when complete, so an interrupted pack leaves nothing half made.
+    Unreadable images are listed in ``skipped.csv`` and left out.
+
+    Raises:
+        DataError: ``out`` exists (without ``overwrite``), ``data`` is itself packed, or no image is readable.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise DataError(f"{out} exists; choose another --out or pass --overwrite")
+    index = load_dataset(data, task)
+    if index.packed is not None:
+        raise DataError(f"{', '.join(map(str, index.origins))}: already packed")
+    t0 = time.perf_counter()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+    pack_id, key = uuid.uuid4().hex, pre.cache_key()
+    keys = _keys(index)
+    skipped: list[tuple[str, str]] = []
+    shards: list[dict] = []
+    rows: list[dict] = []
+    fh = None
+    bar = tqdm(total=len(index), desc=f"pack {pre.image_size}px", unit="img", disable=not progress)
+    try:
+        with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+            for rec, k, got in zip(index.records, keys, pool.map(lambda r: _decode(r, pre), index.records)):
+                bar.update()
+                if isinstance(got, ImageReadError):
+                    skipped.append((str(rec.path), got.cause))
+                    continue
+                img, facts = got
+                if fh is None or shards[-1]["count"] == shard_images:
+                    if fh is not None:
+                        fh.close()
+                    shards.append({"file": f"shard-{len(shards):05d}.u8", "count": 0})
+                    fh = open(tmp / shards[-1]["file"], "wb")
+                    fh.write(_header(pack_id, len(shards) - 1, key, 0))
+                fh.write(np.ascontiguousarray(img).tobytes())
+                shards[-1]["count"] += 1
+                rows.append(
+                    {
+                        "key": k, "label": rec.label, "group_id": rec.group_id or "", "patient_id": rec.patient_id or "",
+                        "source": rec.source, "dataset": rec.dataset, "row": len(rows), **facts,
+                    }
+                )  # fmt: skip
+        if fh is not None:
+            fh.close()
+            fh = None
+        if not rows:
+            raise DataError("no readable image to pack")
+        for k, sh in enumerate(shards):  # the final count goes into each header
+            with open(tmp / sh["file"], "r+b") as f:
+                f.write(_header(pack_id, k, key, sh["count"]))
+        with open(tmp / INDEX_NAME, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=INDEX_FIELDS)
+            w.writeheader()
+            w.writerows(rows)
+        if skipped:
+            with open(tmp / "skipped.csv", "w", newline="", encoding="utf-8") as f:
+                csv.writer(f).writerows([("file", "reason"), *skipped])
+        meta = {
+            "format": FORMAT, "version": VERSION, "pack_id": pack_id, "task": index.task,
+            "class_names": list(index.class_names), "image_size": pre.image_size, "preprocess": pre.to_dict(),
+            "preprocess_key": key, "images": len(rows), "skipped": len(skipped), "shards": shards,
+            "origins": [str(o) for o in index.origins], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }  # fmt: skip
+        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.chmod(0o755)  # mkdtemp made it private
+        os.replace(tmp, out)
+    except BaseException:
+        if fh is not None:
+            fh.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    finally:
+        bar.close()
+    nbytes = sum(p.stat().st_size for p in out.iterdir())
+    return PackResult(out, len(rows), skipped, time.perf_counter() - t0, nbytes)

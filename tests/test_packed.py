@@ -1,0 +1,161 @@
+"""Packed datasets (covidscan.data.packed): pack once, stream from disk, same results as the files."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from covidscan.checkpoint import load_checkpoint
+from covidscan.data import grouped_split, load_dataset, read_split
+from covidscan.data.dataset import ImageStore, ScanDataset, open_store
+from covidscan.data.packed import PackedImages, pack
+from covidscan.data.transforms import Preprocess
+from covidscan.engine import rank_share, train
+from covidscan.errors import DataError
+from tests.conftest import make_folder_dataset, tiny_config
+
+PRE = Preprocess(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)
+
+
+@pytest.fixture
+def packed(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=7, size=40)
+    result = pack(data, tmp_path / "p", PRE, shard_images=5)
+    return data, result
+
+
+def test_pack_keeps_records_groups_split_and_pixels(packed):
+    data, result = packed
+    assert result.images == 21 and not result.skipped
+    assert len(list(result.out.glob("shard-*.u8"))) == 5  # 21 images, 5 per shard
+    files, pk = load_dataset(data), load_dataset(result.out)
+    assert pk.packed is not None and files.packed is None
+    key = lambda r: (r.path.parent.name, r.path.name)  # noqa: E731
+    assert [(key(r), r.label, r.group, r.source) for r in pk.records] == [
+        (key(r), r.label, r.group, r.source) for r in files.records
+    ]
+    a, b = grouped_split(files, test=0.3, val=0.2, seed=3), grouped_split(pk, test=0.3, val=0.2, seed=3)
+    assert a.assignment == b.assignment
+    direct = ImageStore(files.records, PRE).images
+    streamed = open_store(pk.records, PRE, packed=pk.packed).images
+    assert torch.equal(streamed[list(range(21))], direct)
+    assert torch.equal(streamed[torch.tensor([20, 3])], direct[[20, 3]])
+
+
+def test_training_on_a_pack_equals_training_on_the_files(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    cfg = tiny_config(train={"epochs": 2}, augment={"enabled": True})
+    pre = Preprocess(image_size=cfg.data.image_size, mean=(0.0,) * 3, std=(1.0,) * 3)
+    pack(data, tmp_path / "p", pre)
+    a = train(cfg, data, tmp_path / "files")
+    b = train(cfg, tmp_path / "p", tmp_path / "packed")
+    sa, sb = load_checkpoint(a.last_checkpoint)["state_dict"], load_checkpoint(b.last_checkpoint)["state_dict"]
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
+    # the run's split names the pack's rows: resuming or evaluating reads the pack again
+    split = read_split(tmp_path / "packed" / "split.csv")
+    assert split.index.packed is not None and len(split.index) == 24
+
+
+def test_a_moved_pack_still_trains_resumes_and_a_split_that_disagrees_is_refused(tmp_path):
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    cfg = tiny_config(train={"epochs": 2})
+    pack(data, tmp_path / "w" / "p", Preprocess(image_size=64, mean=(0.0,) * 3, std=(1.0,) * 3))
+    train(cfg, tmp_path / "w" / "p", tmp_path / "w" / "run", stop_after_epoch=1)
+    shutil.move(tmp_path / "w", tmp_path / "elsewhere")  # pack and run moved together, as to another machine
+    resumed = train(None, None, tmp_path / "elsewhere" / "run", resume=True)
+    assert len(resumed.history) == 2
+    split_csv = tmp_path / "elsewhere" / "run" / "split.csv"
+    text = split_csv.read_text().splitlines()
+    i = next(k for k, line in enumerate(text) if ",covid," in line)
+    text[i] = text[i].replace(",covid,", ",normal,", 1)  # a wrong label for that row of the pack
+    split_csv.write_text("\n".join(text) + "\n")
+    with pytest.raises(ValueError, match="holds another image or label"):
+        read_split(split_csv)
+
+
+def test_bad_packs_are_clear_errors(packed, tmp_path):
+    data, result = packed
+    with pytest.raises(DataError, match="exists"):
+        pack(data, result.out, PRE)
+    with pytest.raises(DataError, match="needs '48_"):
+        open_store(load_dataset(result.out).records, Preprocess(image_size=48, mean=(0.5,) * 3, std=(0.25,) * 3),
+                   packed=load_dataset(result.out).packed)  # fmt: skip
+    # a shard from a pack with another preprocessing setting (same size, so same byte count)
+    other = pack(
+        data, tmp_path / "eq", Preprocess(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3, equalize=True), shard_images=5
+    )
+    moved = tmp_path / "mixed"
+    shutil.copytree(result.out, moved)
+    shutil.copy(other.out / "shard-00001.u8", moved / "shard-00001.u8")
+    with pytest.raises(DataError, match="another pack or preprocessing"):
+        PackedImages(moved)
+    # a truncated shard
+    shard = result.out / "shard-00002.u8"
+    shard.write_bytes(shard.read_bytes()[:-100])
+    with pytest.raises(DataError, match="truncated"):
+        load_dataset(result.out)
+    # a pack cannot be merged with files (the labels would no longer be tied to rows)
+    shutil.rmtree(result.out)
+    pack(data, result.out, PRE)
+    with pytest.raises(ValueError, match="cannot be merged"):
+        load_dataset([result.out, data])
+
+
+def test_unreadable_images_are_listed_and_an_interrupted_pack_leaves_nothing(tmp_path, monkeypatch):
+    data = make_folder_dataset(tmp_path / "d", per_class=4, size=40, manifest=False)
+    (data / "covid" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    result = pack(data, tmp_path / "p", PRE)
+    assert result.images == 12 and len(result.skipped) == 1 and "broken.png" in result.skipped[0][0]
+    assert "broken.png" in (result.out / "skipped.csv").read_text()
+    assert json.loads((result.out / "packed.json").read_text())["skipped"] == 1
+
+    import covidscan.data.packed as packed_mod
+
+    calls = {"n": 0}
+    real = packed_mod._decode
+
+    def dies(rec, pre):
+        calls["n"] += 1
+        if calls["n"] == 6:
+            raise KeyboardInterrupt
+        return real(rec, pre)
+
+    monkeypatch.setattr(packed_mod, "_decode", dies)
+    with pytest.raises(KeyboardInterrupt):
+        pack(data, tmp_path / "q", PRE, workers=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "p"]  # no q, no temporary folder
+
+
+def test_processes_and_workers_read_every_packed_image_once(packed):
+    _, result = packed
+    index = load_dataset(result.out)
+    store = open_store(index.records, PRE, packed=index.packed)
+    ds = ScanDataset(store, list(range(len(index))), index.targets(), PRE)
+    order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist()
+    seen = []
+    for rank in range(2):
+        for batch in DataLoader(ds, batch_size=4, sampler=rank_share(order, rank, 2), num_workers=2):
+            seen += batch["index"].tolist()
+            for img, i in zip(batch["image"], batch["index"]):  # each worker reads the right row
+                assert torch.equal(img, store.images[int(i)])
+    assert sorted(seen) == list(range(21))
+
+
+def test_pack_command(tmp_path, capsys):
+    from covidscan.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", per_class=4, size=40)
+    assert main(["pack", str(data), "--out", str(tmp_path / "p"), "--size", "32", "--quiet"]) == 0
+    assert "packed 12 images (32 px" in capsys.readouterr().out
+    assert np.array_equal(PackedImages(tmp_path / "p").read(0).shape, (32, 32))
+    assert main(["pack", str(data), "--out", str(tmp_path / "p"), "--size", "32", "--quiet"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "exists" in err[0]
+    assert main(["stats", str(tmp_path / "p")]) == 0
+    assert "40/40" in capsys.readouterr().out  # the files' own sizes, kept from packing
