@@ -368,3 +368,46 @@ def test_processes_and_workers_share_an_epoch_without_overlap_or_loss():
         first_batches.append(batches[0].tolist())
     assert sorted(seen) == list(range(23))
     assert sorted(sum(first_batches, [])) == sorted(order[:6])
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_nodes_with_torchrun_c10d_agree_with_one_process(tmp_path):
+    """Two torchrun "nodes" of one process each (c10d rendezvous on localhost, gloo) train on a packed
+    dataset and end with the weights of one process with twice the batch size."""
+    from covidscan.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    assert main(["pack", str(data), "--out", str(tmp_path / "p"), "--size", "48", "--quiet"]) == 0
+    sets = [
+        "model.weights=none", "model.backbone=efficientnet_lite0", "data.image_size=48", "train.epochs=2",
+        "model.freeze_backbone=true", "model.dropout=0", "augment.enabled=true", "train.lr=1e-2", "data.cache_dir=",
+    ]  # fmt: skip
+    args = ["--data", str(tmp_path / "p"), "--quiet", *[a for s in sets for a in ("--set", s)]]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    port = _free_port()
+    node = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1", "--rdzv_backend=c10d",
+        f"--rdzv_endpoint=127.0.0.1:{port}", "--rdzv_id=covidscan-test", "-m", "covidscan", "train",
+        "--out", str(tmp_path / "two"), *args, "--set", "train.batch_size=4",
+    ]  # fmt: skip
+    nodes = [subprocess.Popen(node, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in nodes]
+    assert [p.returncode for p in nodes] == [0, 0], outs[0][1][-2000:] + outs[1][1][-2000:]
+    assert sum("checkpoint:" in o for o, _ in outs) == 1  # two ranks: only rank 0 reports
+    one = [sys.executable, "-m", "covidscan", "train", "--out", str(tmp_path / "one"), *args, "--set", "train.batch_size=8"]
+    subprocess.run(one, env=env, check=True, capture_output=True, timeout=600)
+    a = load_checkpoint(tmp_path / "two" / "last.pt")["state_dict"]["head.fc.weight"]
+    b = load_checkpoint(tmp_path / "one" / "last.pt")["state_dict"]["head.fc.weight"]
+    torch.manual_seed(0)
+    from covidscan.models import build_model
+
+    init = build_model("efficientnet_lite0", "linear", 3, weights="none", dropout=0.0)[0].state_dict()["head.fc.weight"]
+    assert (a - init).abs().max() > 1e-3  # it trained
+    assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
