@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from covidscan.data import load_dataset, read_image
-from covidscan.data.dataset import ImageStore, ScanDataset
+from covidscan.data.dataset import ImageStore, ScanDataset, scan_loader
 from covidscan.data.transforms import Preprocess, model_input, to_gray_uint8, to_input
 from covidscan.models import get_backbone
 
@@ -61,7 +61,7 @@ def main() -> None:
         t = time.perf_counter()
         store = ImageStore(index.records, pre, cache_dir=cache, workers=1)
         t_first = time.perf_counter() - t
-        loader = DataLoader(ScanDataset(store, list(range(n)), index.targets(), pre), batch_size=args.batch)
+        loader = scan_loader(ScanDataset(store, list(range(n)), index.targets(), pre), batch_size=args.batch)
         t_cached, x_c = epoch(loader, pre)
         t_cached2, _ = epoch(loader, pre)
         t = time.perf_counter()

@@ -8,11 +8,10 @@ import shutil
 import numpy as np
 import pytest
 import torch
-from torch.utils.data import DataLoader
 
 from covidscan.checkpoint import load_checkpoint
 from covidscan.data import grouped_split, load_dataset, read_split
-from covidscan.data.dataset import ImageStore, ScanDataset, open_store
+from covidscan.data.dataset import ImageStore, ScanDataset, open_store, scan_loader
 from covidscan.data.packed import PackedImages, pack
 from covidscan.data.transforms import Preprocess
 from covidscan.engine import rank_share, train
@@ -140,7 +139,7 @@ def test_processes_and_workers_read_every_packed_image_once(packed):
     order = torch.randperm(len(ds), generator=torch.Generator().manual_seed(1)).tolist()
     seen = []
     for rank in range(2):
-        for batch in DataLoader(ds, batch_size=4, sampler=rank_share(order, rank, 2), num_workers=2):
+        for batch in scan_loader(ds, batch_size=4, sampler=rank_share(order, rank, 2), num_workers=2):
             seen += batch["index"].tolist()
             for img, i in zip(batch["image"], batch["index"]):  # each worker reads the right row
                 assert torch.equal(img, store.images[int(i)])

@@ -38,7 +38,6 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from covidscan.adapt import batchnorm_statistics
@@ -53,6 +52,7 @@ from covidscan.data.dataset import (
     balanced_weights,
     default_cache_dir,
     open_store,
+    scan_loader,
 )
 from covidscan.data.transforms import Preprocess, batch_augment, build_augment, model_input
 from covidscan.errors import ConfigError, DataError
@@ -200,7 +200,7 @@ def backbone_features(model, ds: ScanDataset, device, cfg: Config) -> torch.Tens
     """``N x C x h x w`` backbone outputs of every item of ``ds``, in order."""
     model.backbone.eval()
     out = []
-    for batch in DataLoader(ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False):
+    for batch in scan_loader(ds, batch_size=max(cfg.train.batch_size, 32), shuffle=False):
         with autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16):
             out.append(model.backbone(model_input(batch["image"], ds.pre, device)).float())
     return torch.cat(out) if out else torch.zeros(0)
@@ -635,7 +635,7 @@ def run_epoch(
     else:
         # generator=gen: the loader's worker seed is not drawn from the global generator (dropout's)
         rest = order[done.step * bs :]
-        loader = DataLoader(data.train, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
+        loader = scan_loader(data.train, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
     autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
     fit.net.train()
     if cfg.model.freeze_backbone:
@@ -662,7 +662,7 @@ def run_epoch(
     train_secs = time.perf_counter() - t0
     stop = torch.zeros(1)
     if run.is_main:
-        val_loader = DataLoader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
+        val_loader = scan_loader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
         row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
         row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
         row.update(train_images_per_s=(done["seen"] - seen_before) / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)

@@ -17,11 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data import DatasetIndex, load_dataset, read_split
-from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir, open_store
+from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir, open_store, scan_loader
 from covidscan.data.transforms import Preprocess, model_input
 from covidscan.errors import DataError
 from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
@@ -85,7 +84,7 @@ def predict_index(
     store = store or open_store(index.records, pre, packed=index.packed, cache_dir=cache_dir, progress=progress)
     targets = [meta.class_names.index(r.label) for r in index.records]
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
-    loader = DataLoader(ds, batch_size=batch_size, shuffle=False)
+    loader = scan_loader(ds, batch_size=batch_size, shuffle=False)
     model.to(dev)
     probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre, tta=tta)
     kept = index.subset(idx.tolist())

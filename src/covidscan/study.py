@@ -373,6 +373,60 @@ def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = Non
     return summary
 
 
+def export_slices(data, out, *, cfg: StudyConfig | None = None, source: str = "") -> dict:
+    """Write the lung slices of a folder of studies as a slice dataset ``out/<label>/*.png`` with
+    ``out/manifest.csv`` (``file,label,group_id,patient_id,source,series,slice``), windowed and framed
+    exactly as :func:`predict_study` shows them to the slice model, so a site's own CT can be trained on,
+    left out in ``covidscan loso``, or evaluated slice by slice.
+
+    Labels (task ``ct``): slices of non-COVID studies (``task_label``, else ``label``; ``cap`` counts as
+    non-COVID) are ``normal``; slices of COVID studies are ``covid`` only where ``slice_labels.csv``
+    marks infection (clear slices of a COVID patient are left out: they show no COVID); without slice
+    labels every lung slice of a COVID study is ``covid``. ``group_id`` is the study, so splits keep a
+    patient's slices together. Returns counts per label.
+    """
+    from PIL import Image
+
+    root = Path(data)
+    root = root.parent if root.is_file() else root
+    out = Path(out)
+    cfg = cfg or StudyConfig()
+    with open(root / "manifest.csv", newline="", encoding="utf-8-sig") as fh:
+        studies = list(csv.DictReader(fh))
+    infection = {}
+    if (root / "slice_labels.csv").is_file():
+        with open(root / "slice_labels.csv", newline="", encoding="utf-8-sig") as fh:
+            infection = {Path(r["file"]).as_posix(): int(r["infection"]) for r in csv.DictReader(fh)}
+    rows, counts = [], {"covid": 0, "normal": 0, "left_out_clear_covid": 0}
+    for st in studies:
+        truth = "covid" if (st.get("task_label") or st["label"]) == "covid" else "normal"
+        vol = read_volume(root / st["series"])
+        _, keep, scans = slice_scans(vol, cfg)
+        name = Path(st["series"]).name
+        for i in np.flatnonzero(keep):
+            inf = infection.get((Path(st["series"]) / vol.names[i]).as_posix())
+            if truth == "covid" and inf == 0:
+                counts["left_out_clear_covid"] += 1
+                continue
+            rel = f"{truth}/{name}_{i:04d}.png"
+            (out / truth).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(np.round(scans[i].pixels * 255).astype(np.uint8)).save(out / rel)
+            counts[truth] += 1
+            rows.append({
+                "file": rel, "label": truth, "group_id": f"{root.name}:{name}", "patient_id": st.get("patient_id", name),
+                "source": source or st.get("source") or root.name, "series": st["series"], "slice": vol.names[i],
+            })  # fmt: skip
+    if not rows:
+        from covidscan.errors import DataError
+
+        raise DataError(f"{root}: no lung slice found in any study")
+    with open(out / "manifest.csv", "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return counts
+
+
 def studies_markdown(s: dict) -> str:
     def f(v):
         return "n/a" if v is None else f"{v:.3f}"

@@ -6,6 +6,7 @@ import logging
 from pathlib import Path
 
 from covidscan.cli import common
+from covidscan.errors import CLIError
 
 logger = logging.getLogger("covidscan")
 
@@ -76,6 +77,21 @@ def cmd_pack(args) -> int:
     return 0
 
 
+def cmd_study_slices(args) -> int:
+    from covidscan.config import load_config
+    from covidscan.study import export_slices
+
+    cfg = load_config(args.config, args.set)
+    if args.out.exists() and any(args.out.iterdir()):
+        raise CLIError(f"{args.out} exists and is not empty; choose another --out")
+    counts = export_slices(args.studies, args.out, cfg=cfg.study, source=args.source)
+    print(
+        f"wrote {counts['covid'] + counts['normal']} lung slices ({counts['covid']} covid, {counts['normal']} normal; "
+        f"{counts['left_out_clear_covid']} clear slices of COVID studies left out) and manifest.csv to {args.out}"
+    )
+    return 0
+
+
 def register(sub) -> None:
     p = sub.add_parser("stats", help="per-class image counts and resolution statistics (paper Tables I/II)")
     common.add_data(p)
@@ -116,3 +132,14 @@ def register(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing packed folder")
     common.add_quiet(p)
     p.set_defaults(func=cmd_pack)
+
+    p = sub.add_parser(
+        "study-slices",
+        help="CT studies -> a slice dataset (windowed lung slices as PNG + manifest.csv, grouped by study) to train or test on",
+    )
+    p.add_argument("studies", type=Path, help="a folder of studies with manifest.csv (series,label[,task_label]) like ct-volumes")
+    common.add_out(p, "folder to write <label>/*.png and manifest.csv")
+    common.add_config(p)
+    common.add_set(p)
+    p.add_argument("--source", default="", help="source name for the manifest (default: the manifest's, else the folder's)")
+    p.set_defaults(func=cmd_study_slices)

