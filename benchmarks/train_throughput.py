@@ -3,6 +3,9 @@
     python benchmarks/train_throughput.py [--backbones densenet121 inception_v3] [--images 96] [--val 64]
     python benchmarks/train_throughput.py --device cuda --images 1024 --batch 64 --workers 8   # GPU: AMP + channels_last vs fp32
 
+The plain loop gets the DataLoader workers a user would set (the core count) and, for comparison,
+none (``--workers`` to choose); the ratio against the first is the one that counts.
+
 Plain reference, written the obvious way: an ImageFolder-style dataset that opens each file
 with PIL every time, ``transforms.Compose([Grayscale(3), Resize((224, 224)), RandomAffine,
 RandomHorizontalFlip, ToTensor, Normalize])``, ``torchvision.models.<name>`` with the last
@@ -115,9 +118,16 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=1, help="epochs per loop; images/s of the last one (the rest warm up)")
     ap.add_argument("--set", action="append", default=[], help="extra covidscan overrides (CPU options)")
     ap.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (both loops run there)")
-    ap.add_argument("--workers", type=int, default=0, help="DataLoader workers of the plain loop (and covidscan's on CUDA)")
+    ap.add_argument(
+        "--workers", type=int, nargs="+", default=None,
+        help="DataLoader workers of the plain loop, one run each (default: the core count, as a user would set, and 0); "
+        "the first is also covidscan's on CUDA",
+    )  # fmt: skip
     ap.add_argument("--data", type=Path, default=SHARED, help="an X-ray folder with manifest.csv")
     args = ap.parse_args()
+    import os
+
+    workers = args.workers or [os.cpu_count() or 1, 0]
     data = args.data.resolve()  # split.csv in a temporary folder names files by absolute path
     dev = torch.device(args.device)
     rows = list(csv.DictReader(open(data / "manifest.csv")))
@@ -141,7 +151,11 @@ def main() -> None:
             torch.manual_seed(0)
             if dev.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(dev)
-            p_ips, p_acc = plain_loop(backbone, items, val_items, args.batch, args.size, dev, args.workers, args.epochs)
+            plain = {}
+            for w in workers:
+                torch.manual_seed(0)
+                plain[w] = plain_loop(backbone, items, val_items, args.batch, args.size, dev, w, args.epochs)
+            p_ips, p_acc = plain[workers[0]]
             p_mem = _peak_mib(dev)
             if dev.type == "cuda":
                 torch.cuda.empty_cache()
@@ -156,7 +170,7 @@ def main() -> None:
                     f"train.batch_size={args.batch}",
                     "data.cache_dir=",
                     f"train.device={args.device}",
-                    f"data.num_workers={args.workers if dev.type == 'cuda' else 0}",
+                    f"data.num_workers={workers[0] if dev.type == 'cuda' else 0}",
                     *args.set,
                 ],
             )
@@ -172,15 +186,23 @@ def main() -> None:
                 "plain_peak_gpu_mib": p_mem,
                 "covidscan_peak_gpu_mib": c_mem,
                 "plain_img_s": p_ips,
+                "plain_workers": workers[0],
+                "plain_img_s_by_workers": {w: v[0] for w, v in plain.items()},
                 "covidscan_img_s": c_ips,
                 "ratio": c_ips / p_ips,
+                "ratio_by_plain_workers": {w: c_ips / v[0] for w, v in plain.items()},
                 "plain_val_acc": p_acc,
                 "covidscan_val_acc": c_acc,
                 "covidscan_wall_s_incl_decode": wall,
             }
+            others = "".join(
+                f" | vs plain with {w} workers ({v[0]:.2f} img/s): {c_ips / v[0]:.2f}x"
+                for w, v in plain.items()
+                if w != workers[0]
+            )
             print(
-                f"{backbone}: plain {p_ips:.2f} img/s (val acc {p_acc:.3f}) | covidscan {c_ips:.2f} img/s "
-                f"(val acc {c_acc:.3f}) | RATIO {c_ips / p_ips:.2f}x (goal >= 1.3x CPU, 1.5x GPU)"
+                f"{backbone}: plain with {workers[0]} workers {p_ips:.2f} img/s (val acc {p_acc:.3f}) | covidscan {c_ips:.2f} img/s "
+                f"(val acc {c_acc:.3f}) | RATIO {c_ips / p_ips:.2f}x (goal >= 1.3x CPU, 1.5x GPU){others}"
                 + (f" | peak GPU memory plain {p_mem:.0f} MiB, covidscan {c_mem:.0f} MiB" if dev.type == "cuda" else "")
             )
     print(json.dumps(results, indent=2))

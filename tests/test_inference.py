@@ -35,6 +35,32 @@ def test_predict_equals_model_forward(predictor, trained_run):
     assert pred.warnings == []
 
 
+def test_channels_last_and_onnxruntime_backends_give_the_checkpoints_probabilities(trained_run, tmp_path, capsys):
+    """The Predictor's speed options change no output: channels_last against the checkpoint's model in NCHW,
+    the onnxruntime backend against the torch one (TTA too), and on the command line."""
+    from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+
+    result, data = trained_run
+    paths = sorted((data / "pneumonia").glob("*.png"))[:3]
+    model, meta = model_from_checkpoint(load_checkpoint(result.best_checkpoint))
+    ref = Predictor(model, meta)
+    assert ref.model.backbone.net._conv_stem.weight.is_contiguous(memory_format=torch.channels_last)
+    plain, _ = model_from_checkpoint(load_checkpoint(result.best_checkpoint))  # NCHW, as trained
+    x = torch.cat([ref.tensor(read_image(p)) for p in paths])
+    with torch.no_grad():
+        nchw = plain.eval()(x).softmax(1).numpy()
+    np.testing.assert_allclose(ref.probabilities(x), nchw, atol=1e-5)
+    ort = Predictor.from_checkpoint(result.best_checkpoint, backend="onnxruntime", tta=True)
+    ref.tta = True
+    np.testing.assert_allclose(ort.probabilities(x), ref.probabilities(x), atol=1e-5)
+    assert ort.predict(paths[0]).label == ref.predict(paths[0]).label
+    assert main(["predict", "--checkpoint", str(result.best_checkpoint), str(paths[0]), "--json", "--backend", "onnxruntime"]) == 0
+    got = json.loads(capsys.readouterr().out)[0]["probabilities"]
+    ref.tta = False
+    want = ref.predict(paths[0]).probabilities
+    assert all(abs(got[k] - want[k]) < 1e-5 for k in want)
+
+
 def test_warnings_for_unlike_inputs(predictor, tmp_path):
     rng = np.random.default_rng(0)
     photo = (rng.uniform(size=(48, 48, 3)) * 255).astype(np.uint8)

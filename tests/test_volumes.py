@@ -356,3 +356,38 @@ def test_studies_need_a_ct_model(tmp_path, trained_run, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "CT studies need a CT model" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "ev").exists()
+
+
+def test_study_slices_become_a_grouped_slice_dataset(tmp_path, capsys):
+    """Lung slices are exported windowed, labelled by study and slice labels, grouped by study; the
+    result loads as a CT dataset whose images are the windowed HU."""
+    from PIL import Image
+
+    from covidscan.cli import main
+    from covidscan.data import load_dataset
+    from covidscan.study import window
+
+    root = tmp_path / "studies"
+    hu = phantom(5, size=48)
+    hu[:, 20:24, 12:16] = -300  # an "opacity" inside the left lung
+    hu[0, 12:36, 10:38] = 40  # slice 0: no lung (below the lungs)
+    write_series(root / "covid" / "A", hu, names=[f"a{k}.dcm" for k in range(5)])
+    write_series(root / "cap" / "B", phantom(4, size=48, seed=2), names=[f"b{k}.dcm" for k in range(4)])
+    (root / "manifest.csv").write_text("series,label,task_label,patient_id\ncovid/A,covid,covid,A\ncap/B,cap,normal,B\n")
+    # slices a1, a2 infected; a3, a4 clear (left out); B's slices are non-COVID
+    rows = ["file,patient_id,label,infection"] + [f"covid/A/a{k}.dcm,A,covid,{int(k in (1, 2))}" for k in range(5)]
+    (root / "slice_labels.csv").write_text("\n".join(rows) + "\n")
+    assert main(["study-slices", str(root), "--out", str(tmp_path / "slices"), "--source", "site-x"]) == 0
+    assert "2 covid, 4 normal; 2 clear slices of COVID studies left out" in capsys.readouterr().out
+    index = load_dataset(tmp_path / "slices")
+    assert index.task == "ct" and index.counts() == {"covid": 2, "normal": 4}
+    assert {r.group for r in index.records if r.label == "covid"} == {"studies:A"}
+    assert {r.source for r in index.records} == {"site-x"}
+    first = next(r for r in index.records if r.label == "covid")
+    k = int(first.row["slice"][1])  # a1 or a2: the slice's index in the (caudal-first) volume
+    from covidscan.data.volume import read_volume
+
+    vol = read_volume(root / "covid" / "A")
+    expected = window(vol.hu[vol.names.index(first.row["slice"])], -600, 1500)
+    assert k in (1, 2) and np.array_equal(np.asarray(Image.open(first.path)), expected)
+    assert main(["study-slices", str(root), "--out", str(tmp_path / "slices")]) == 2  # not over a dataset

