@@ -54,7 +54,9 @@ def test_channels_last_and_onnxruntime_backends_give_the_checkpoints_probabiliti
     ref.tta = True
     np.testing.assert_allclose(ort.probabilities(x), ref.probabilities(x), atol=1e-5)
     assert ort.predict(paths[0]).label == ref.predict(paths[0]).label
-    assert main(["predict", "--checkpoint", str(result.best_checkpoint), str(paths[0]), "--json", "--backend", "onnxruntime"]) == 0
+    assert (
+        main(["predict", "--checkpoint", str(result.best_checkpoint), str(paths[0]), "--json", "--backend", "onnxruntime"]) == 0
+    )
     got = json.loads(capsys.readouterr().out)[0]["probabilities"]
     ref.tta = False
     want = ref.predict(paths[0]).probabilities

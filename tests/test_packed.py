@@ -158,3 +158,25 @@ def test_pack_command(tmp_path, capsys):
     assert len(err) == 1 and "exists" in err[0]
     assert main(["stats", str(tmp_path / "p")]) == 0
     assert "40/40" in capsys.readouterr().out  # the files' own sizes, kept from packing
+
+
+def test_evaluate_and_loso_read_a_pack(tmp_path, capsys):
+    """evaluate --data PACKED (figures from the pack's pixels) and loso over a pack's sources."""
+    from covidscan.cli import main
+
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    assert main(["pack", str(data), "--out", str(tmp_path / "p"), "--size", "48", "--quiet"]) == 0
+    sets = ["model.weights=none", "model.backbone=efficientnet_lite0", "data.image_size=48", "train.epochs=1"]
+    common = [a for s in sets for a in ("--set", s)]
+    assert main(["train", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "run"), "--quiet", *common]) == 0
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "run" / "best.pt"), "--data", str(tmp_path / "p"),
+                 "--out", str(out), "--grid", "4", "--bootstrap", "20"]) == 0  # fmt: skip
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert sum(c["images"] for c in metrics["counts"].values()) == 24
+    assert (out / "grid.png").stat().st_size > 1000  # drawn from the pack's pixels (no image files)
+    capsys.readouterr()
+    assert main(["loso", "--data", str(tmp_path / "p"), "--out", str(tmp_path / "loso"), "--quiet", "--bootstrap", "0",
+                 "--sources", "src_shared", *common, "--set", "data.allow_empty_class=true"]) == 0  # fmt: skip
+    loso = json.loads((tmp_path / "loso" / "loso.json").read_text())
+    assert [(f["source"], f["n"]) for f in loso["folds"]] == [("src_shared", 8)]  # the pack's pneumonia images
