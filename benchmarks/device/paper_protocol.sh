@@ -43,7 +43,7 @@ start=$(date +%s)
 
 # 1. training throughput, alone on the GPU: covidscan's loop vs a plain torchvision loop (workers, pin_memory)
 if [ "$smoke" = 1 ]; then
-  thr=(--backbones densenet121 --images 12 --val 6 --batch 4 --size 32 --epochs 2 --set train.device_data=true)
+  thr=(--backbones densenet121 --images 12 --val 6 --batch 4 --size 32 --epochs 2 --workers 0 --set train.device_data=true)
 else
   thr=(--device cuda --images 896 --val 128 --batch 64 --workers 8 --epochs 2 --set train.device_data=true --set train.amp=true)
 fi
