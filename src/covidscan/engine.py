@@ -15,10 +15,15 @@
 Files in ``out``: ``config.yaml`` (resolved), ``split.csv``, ``history.jsonl`` (one line per
 epoch), ``best.pt`` and ``last.pt``. A folder that already holds a run is refused unless
 ``resume`` (continue it) or ``overwrite`` (start again). ``resume=True`` continues from
-``last.pt`` and ends with the same weights as an uninterrupted run (same seed, CPU): every
-epoch's shuffling, augmentation and dropout draw from a generator seeded by
-``(seed, epoch)``. Under ``torchrun`` it trains with DistributedDataParallel: a distributed
-sampler, gradients averaged across processes, and validation and checkpoints on rank 0.
+``last.pt``, or from ``step.pt`` (``train.checkpoint_every`` steps) when a run stopped in the
+middle of an epoch, and ends with the same weights as an uninterrupted run (same seed, CPU):
+every epoch's order and dropout draw from generators seeded by ``(seed, epoch)``, each image's
+augmentation from ``(seed, epoch, image)``, and a step checkpoint keeps the random state and the
+epoch's running metrics. Under ``torchrun`` it trains with DistributedDataParallel: every process
+computes the same epoch order and takes every ``world``-th position (:func:`rank_share`; no
+padding, DDP's ``join`` for a last batch only some processes have), gradients are averaged
+across processes, and validation and checkpoints happen on rank 0. ``data`` may be a packed
+folder (``covidscan pack``): images are then read from its shards as batches are made.
 """
 
 from __future__ import annotations
