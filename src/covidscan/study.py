@@ -311,14 +311,9 @@ def _auroc(pos, neg) -> float | None:
     return float(roc_auc_score([1] * len(pos) + [0] * len(neg), list(pos) + list(neg)))
 
 
-def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = None, figures: bool = True) -> dict:
-    """Patient- and slice-level results of a CT model on a folder of studies with a manifest.
-
-    ``manifest.csv``: ``series`` (folder, relative), ``task_label`` (else ``label``; ``cap`` counts as
-    non-COVID); optional ``slice_labels.csv`` (``file``, ``infection`` 0/1) beside it. Slice-level AUROC:
-    infected slices of COVID studies against every scored slice of the non-COVID studies, and infected
-    against clear slices inside the COVID studies.
-    """
+def read_studies(data) -> tuple[Path, list[dict], dict[str, int]]:
+    """A folder of studies (or its ``manifest.csv``): the folder, the manifest's rows and the
+    ``slice_labels.csv`` infection labels beside it (``{"<series>/<file>": 0|1}``, empty without)."""
     root = Path(data)
     root = root.parent if root.is_file() else root
     with open(root / "manifest.csv", newline="", encoding="utf-8-sig") as fh:
@@ -327,11 +322,27 @@ def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = Non
     if (root / "slice_labels.csv").is_file():
         with open(root / "slice_labels.csv", newline="", encoding="utf-8-sig") as fh:
             infection = {Path(r["file"]).as_posix(): int(r["infection"]) for r in csv.DictReader(fh)}
+    return root, rows, infection
+
+
+def study_truth(row: dict) -> str:
+    """``covid`` or ``normal`` (non-COVID) for a studies manifest row: ``task_label``, else ``label``."""
+    return "covid" if (row.get("task_label") or row["label"]) == "covid" else "normal"
+
+
+def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = None, figures: bool = True) -> dict:
+    """Patient- and slice-level results of a CT model on a folder of studies with a manifest.
+
+    ``manifest.csv``: ``series`` (folder, relative), ``task_label`` (else ``label``; ``cap`` counts as
+    non-COVID); optional ``slice_labels.csv`` (``file``, ``infection`` 0/1) beside it. Slice-level AUROC:
+    infected slices of COVID studies against every scored slice of the non-COVID studies, and infected
+    against clear slices inside the COVID studies.
+    """
+    root, rows, infection = read_studies(data)
     cfg = cfg or study_config(predictor)
     studies, pos, neg, inf_in, clear_in = [], [], [], [], []
     for r in rows:
-        truth = r.get("task_label") or r["label"]
-        truth = "covid" if truth == "covid" else "normal"
+        truth = study_truth(r)
         vol = read_volume(root / r["series"])
         res = predict_study(predictor, vol, cfg=cfg)
         if out is not None and figures:
@@ -387,19 +398,12 @@ def export_slices(data, out, *, cfg: StudyConfig | None = None, source: str = ""
     """
     from PIL import Image
 
-    root = Path(data)
-    root = root.parent if root.is_file() else root
+    root, studies, infection = read_studies(data)
     out = Path(out)
     cfg = cfg or StudyConfig()
-    with open(root / "manifest.csv", newline="", encoding="utf-8-sig") as fh:
-        studies = list(csv.DictReader(fh))
-    infection = {}
-    if (root / "slice_labels.csv").is_file():
-        with open(root / "slice_labels.csv", newline="", encoding="utf-8-sig") as fh:
-            infection = {Path(r["file"]).as_posix(): int(r["infection"]) for r in csv.DictReader(fh)}
     rows, counts = [], {"covid": 0, "normal": 0, "left_out_clear_covid": 0}
     for st in studies:
-        truth = "covid" if (st.get("task_label") or st["label"]) == "covid" else "normal"
+        truth = study_truth(st)
         vol = read_volume(root / st["series"])
         _, keep, scans = slice_scans(vol, cfg)
         name = Path(st["series"]).name
