@@ -200,6 +200,7 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     if not paths:
         raise ValueError("no dataset given")
     records: list[Record] = []
+    opened: dict[str, object] = {}  # packed folders read here: their records need no second read and check
     tasks_seen: dict[Path, str] = {}
     for p in paths:
         if not p.exists():
@@ -209,7 +210,8 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
         elif (p / PACKED_META).is_file():
             from covidscan.data.packed import read_packed
 
-            recs, _ = read_packed(p)
+            recs, images = read_packed(p)
+            opened[str(images.folder)] = images
         elif (p / MANIFEST_NAME).is_file():
             recs = read_manifest(p / MANIFEST_NAME)
         else:
@@ -229,10 +231,10 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     dupes = [r.path for r in records if r.path in seen or seen.add(r.path)]
     if dupes:
         raise ValueError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
-    return DatasetIndex(task=task, records=records, origins=paths, packed=_open_pack(records))
+    return DatasetIndex(task=task, records=records, origins=paths, packed=_open_pack(records, opened))
 
 
-def _open_pack(records: list[Record]):
+def _open_pack(records: list[Record], opened: dict | None = None):
     """The pack the records come from (None for files); every record must come from one pack, with
     the label and key the pack gives that row (else a split or manifest and the pack disagree)."""
     packs = {r.row["packed"] for r in records if r.packed_row is not None}
@@ -245,6 +247,8 @@ def _open_pack(records: list[Record]):
     from covidscan.data.packed import read_packed
 
     folder = packs.pop()
+    if opened and folder in opened:  # the records were just read from this pack
+        return opened[folder]
     own, images = read_packed(folder)
     for r in records:
         if r.packed_row >= len(own) or own[r.packed_row].path != r.path or own[r.packed_row].label != r.label:
