@@ -232,7 +232,7 @@ def test_readme_python_api_example_runs(trained_run, tmp_path, monkeypatch):
     block = re.search(r"## Python API\n\n```python\n(.*?)```", readme, re.S).group(1)
     scan = next((data / "covid").glob("*.png"))
     code = (
-        block.replace("runs/recommended/ensemble.pt", str(result.best_checkpoint))
+        block.replace("runs/recommended/best.pt", str(result.best_checkpoint))
         .replace("../shared/data/xray/covid/ieee8023_00870a9c.jpg", str(scan))
         .replace("../shared/data/xray-extra", str(data))
         .replace('"runs/ext"', repr(str(tmp_path / "ext")))
