@@ -242,7 +242,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
         *common,
     ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.returncode == 0, proc.stderr[-8000:]
     assert main_single(tmp_path, common) == 0
     ddp = [json.loads(line) for line in (tmp_path / "ddp" / "history.jsonl").read_text().splitlines()]
     one = [json.loads(line) for line in (tmp_path / "one" / "history.jsonl").read_text().splitlines()]
@@ -252,6 +252,44 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     a = load_checkpoint(tmp_path / "ddp" / "last.pt")["state_dict"]["head.fc.weight"]
     b = load_checkpoint(tmp_path / "one" / "last.pt")["state_dict"]["head.fc.weight"]
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.5
+
+
+def _finish_worker(rank: int, port: int, out: str, preinit: bool) -> None:
+    import time
+
+    import torch.distributed as dist
+
+    from covidscan.runtime import RunContext
+
+    os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if preinit:  # a caller that started the group itself keeps it
+        dist.init_process_group("gloo")
+    run = RunContext.from_env("cpu")
+    if rank == 0:
+        time.sleep(1.5)  # rank 0 writes the run's last files while rank 1 is already done
+    ready = time.time()
+    run.finish()
+    left = time.time()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({"ready": ready, "left": left, "initialized": dist.is_initialized()}))
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("preinit", [False, True])
+def test_distributed_run_ends_with_every_process_waiting_and_its_group_destroyed(tmp_path, preinit):
+    """RunContext.finish: no process leaves before rank 0 is done (a gloo peer that exits early makes the
+    others abort), and the process group is destroyed only when the run started it."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_finish_worker, args=(port, str(tmp_path), preinit), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[1]["left"] >= ranks[0]["ready"]  # rank 1 waited until rank 0 was done
+    assert all(r["initialized"] is preinit for r in ranks)
 
 
 def main_single(tmp_path, common) -> int:

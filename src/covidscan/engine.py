@@ -572,7 +572,9 @@ def train(
             logger.info("split (%s):\n%s", split.protocol, split.format_counts())
         meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source)
         keeper = CheckpointKeeper(out, meta, monitor=cfg.train.monitor, patience=cfg.train.early_stopping)
-        return _fit(cfg, model, train_data, keeper, run, state, progress, stop_after_epoch, t_start)
+        result = _fit(cfg, model, train_data, keeper, run, state, progress, stop_after_epoch, t_start)
+    run.finish()
+    return result
 
 
 @dataclass

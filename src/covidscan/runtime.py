@@ -41,6 +41,7 @@ class RunContext:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
+    owns_group: bool = False  # this context started the process group (so it also ends it)
 
     @property
     def distributed(self) -> bool:
@@ -57,10 +58,21 @@ class RunContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(device_name)
+        owns = False
         if world > 1:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+                owns = True
             if device.type == "cuda":
                 device = torch.device("cuda", local_rank)
                 torch.cuda.set_device(device)
-        return cls(device, world, rank, local_rank)
+        return cls(device, world, rank, local_rank, owns)
+
+    def finish(self) -> None:
+        """End a distributed run cleanly: every process waits for the others (rank 0 writes the last
+        files), then the process group this context started is destroyed. A process that exits while a
+        peer still holds its gloo connections makes that peer abort ("Connection reset by peer")."""
+        if self.distributed and dist.is_initialized():
+            dist.barrier()
+            if self.owns_group:
+                dist.destroy_process_group()
