@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Issue #11, item 4 (docs/results/generalisation.md, "Session 6"): the recommended recipe with InceptionV3
+# (offline ImageNet weights, 224 px) in place of EfficientNet-Lite0, on the two-pair yardstick, and the
+# ensemble of the two backbones (probabilities averaged). CPU: about 18 minutes per fold on 2 cores.
+#   bash benchmarks/loso_inception.sh [runs/exp] [224|299]
+set -u
+cd "$(dirname "$0")/.." && . .venv/bin/activate
+X="../shared/data/xray ../shared/data/xray-extra ../shared/data/xray-lungs"
+F="hannover+nih covid-cxnet+openist"
+out=${1:-runs/exp}
+size=${2:-224}
+covidscan loso --config configs/xray_recommended.yaml --set model.backbone=inception_v3 --set data.image_size=$size \
+  --data $X --sources $F --out "$out/rec_incv3_$size" --quiet --resume
+python benchmarks/loso_ensemble.py "$out/rec_incv3_$size" > "$out/rec_incv3_$size/summary.md" 2>&1
+python benchmarks/loso_ensemble.py "$out/rec_pbn" "$out/rec_incv3_$size" > "$out/rec_incv3_$size/summary_ens_lite0.md" 2>&1
