@@ -254,7 +254,7 @@ def test_ddp_two_processes_on_cpu(tmp_path):
     assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.5
 
 
-def _finish_worker(rank: int, port: int, out: str, preinit: bool) -> None:
+def _finish_worker(rank: int, port: int, out: str) -> None:
     import time
 
     import torch.distributed as dist
@@ -262,23 +262,20 @@ def _finish_worker(rank: int, port: int, out: str, preinit: bool) -> None:
     from covidscan.runtime import RunContext
 
     os.environ.update(WORLD_SIZE="2", RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if preinit:  # a caller that started the group itself keeps it
-        dist.init_process_group("gloo")
-    run = RunContext.from_env("cpu")
-    if rank == 0:
-        time.sleep(1.5)  # rank 0 writes the run's last files while rank 1 is already done
-    ready = time.time()
-    run.finish()
-    left = time.time()
-    Path(out, f"rank{rank}.json").write_text(json.dumps({"ready": ready, "left": left, "initialized": dist.is_initialized()}))
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    times = {}
+    for k in range(2):  # two runs in one process, as `loso` and `train-ensemble` do
+        run = RunContext.from_env("cpu")
+        if rank == 0:
+            time.sleep(1.0)  # rank 0 writes the run's last files while rank 1 is already done
+        times[f"ready{k}"] = time.time()
+        run.finish()
+        times[f"left{k}"] = time.time()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({**times, "initialized": dist.is_initialized()}))
 
 
-@pytest.mark.parametrize("preinit", [False, True])
-def test_distributed_run_ends_with_every_process_waiting_and_its_group_destroyed(tmp_path, preinit):
-    """RunContext.finish: no process leaves before rank 0 is done (a gloo peer that exits early makes the
-    others abort), and the process group is destroyed only when the run started it."""
+def test_distributed_runs_end_with_every_process_waiting(tmp_path):
+    """RunContext.finish: no process leaves a run before rank 0 is done with it (a gloo peer that exits
+    early makes the others abort), and the process group carries over to the next run in the process."""
     import socket
 
     import torch.multiprocessing as mp
@@ -286,10 +283,28 @@ def test_distributed_run_ends_with_every_process_waiting_and_its_group_destroyed
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    mp.spawn(_finish_worker, args=(port, str(tmp_path), preinit), nprocs=2, join=True)
+    mp.spawn(_finish_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[1]["left"] >= ranks[0]["ready"]  # rank 1 waited until rank 0 was done
-    assert all(r["initialized"] is preinit for r in ranks)
+    for k in range(2):
+        assert ranks[1][f"left{k}"] >= ranks[0][f"ready{k}"]  # rank 1 waited until rank 0 was done
+    assert all(r["initialized"] for r in ranks)  # still there for the next run; ended at process exit
+
+
+def test_ddp_train_ensemble_runs_several_trainings_in_one_torchrun_job(tmp_path):
+    """Under torchrun, `train-ensemble` trains its members one after another in the same processes."""
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
+    cfg = "data: {task: xray, image_size: 48}\naugment: {enabled: false}\nmodel: {backbone: efficientnet_lite0, weights: none}\ntrain: {epochs: 1, batch_size: 4}\n"
+    for name in ("a.yaml", "b.yaml"):
+        (tmp_path / name).write_text(cfg)
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", "-m", "covidscan",
+        "train-ensemble", "--config", str(tmp_path / "a.yaml"), "--config", str(tmp_path / "b.yaml"),
+        "--data", str(data), "--out", str(tmp_path / "ens"), "--quiet", "--set", "data.cache_dir=",
+    ]  # fmt: skip
+    proc = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-8000:]
+    meta = load_checkpoint(tmp_path / "ens" / "ensemble.pt")["meta"]
+    assert len(meta["members"]) == 2
 
 
 def main_single(tmp_path, common) -> int:

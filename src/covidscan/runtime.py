@@ -7,6 +7,7 @@ CUDA (and on CPU only when asked: it is 9x slower on CPUs without native bf16, m
 
 from __future__ import annotations
 
+import atexit
 import os
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -41,7 +42,6 @@ class RunContext:
     world: int = 1
     rank: int = 0
     local_rank: int = 0
-    owns_group: bool = False  # this context started the process group (so it also ends it)
 
     @property
     def distributed(self) -> bool:
@@ -58,21 +58,26 @@ class RunContext:
         world = int(os.environ.get("WORLD_SIZE", "1"))
         rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
         device = resolve_device(device_name)
-        owns = False
         if world > 1:
             if not dist.is_initialized():
                 dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-                owns = True
+                # one group per process, kept across the runs of `loso` / `train-ensemble`, ended when
+                # the process ends (not by the interpreter's teardown of a still-connected gloo group)
+                atexit.register(_end_process_group)
             if device.type == "cuda":
                 device = torch.device("cuda", local_rank)
                 torch.cuda.set_device(device)
-        return cls(device, world, rank, local_rank, owns)
+        return cls(device, world, rank, local_rank)
 
     def finish(self) -> None:
-        """End a distributed run cleanly: every process waits for the others (rank 0 writes the last
-        files), then the process group this context started is destroyed. A process that exits while a
-        peer still holds its gloo connections makes that peer abort ("Connection reset by peer")."""
+        """End a distributed run: every process waits here until all are done (rank 0 writes the last
+        files). A process that exits while a peer is still working makes that peer's gloo connections
+        fail ("Connection reset by peer") and the peer abort. The process group stays for the next run
+        in this process."""
         if self.distributed and dist.is_initialized():
             dist.barrier()
-            if self.owns_group:
-                dist.destroy_process_group()
+
+
+def _end_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
