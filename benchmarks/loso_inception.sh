@@ -3,11 +3,7 @@
 # (offline ImageNet weights, 224 px) in place of EfficientNet-Lite0, on the two-pair yardstick, and the
 # ensemble of the two backbones (probabilities averaged). CPU: about 18 minutes per fold on 2 cores.
 #   bash benchmarks/loso_inception.sh [runs/exp] [224|299]
-set -u
-cd "$(dirname "$0")/.." && . .venv/bin/activate
-X="../shared/data/xray ../shared/data/xray-extra ../shared/data/xray-lungs"
-F="hannover+nih covid-cxnet+openist"
-out=${1:-runs/exp}
+. "$(dirname "$0")/loso_common.sh"
 size=${2:-224}
 covidscan loso --config configs/xray_recommended.yaml --set model.backbone=inception_v3 --set data.image_size=$size \
   --data $X --sources $F --out "$out/rec_incv3_$size" --quiet --resume

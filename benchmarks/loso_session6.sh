@@ -4,12 +4,7 @@
 # the five-collection leave-one-out table, the main job itself (wall time, grouped test split), and
 # each breaker taken out of the bundle in turn on the two-pair yardstick.
 # CPU: about 35 + 8 + 5 x 13 minutes on 2 cores.
-set -u
-cd "$(dirname "$0")/.." && . .venv/bin/activate
-X="../shared/data/xray ../shared/data/xray-extra ../shared/data/xray-lungs"
-F="hannover+nih covid-cxnet+openist"
-out=${1:-runs/exp}
-mkdir -p "$out"
+. "$(dirname "$0")/loso_common.sh"
 covidscan loso --config configs/xray_recommended.yaml --data ../shared/data/xray ../shared/data/xray-extra --out "$out/rec_pbn_5fold" --quiet --resume
 python benchmarks/loso_ensemble.py "$out/rec_pbn_5fold" > "$out/rec_pbn_5fold/summary.md" 2>&1
 python benchmarks/loso_ensemble.py "$out/frozen_5fold" "$out/rec_pbn_5fold" > "$out/rec_pbn_5fold/summary_frozen_ens.md" 2>&1
