@@ -96,11 +96,28 @@ def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):
     cam, cls = ens.explain(__import__("covidscan").read_image(img))
     assert cam.shape == (48, 48) and np.isfinite(cam).all()
     assert export_checkpoint(tmp_path / "ens.pt", tmp_path / "ens.onnx") < 1e-4
-    # members of another preprocessing cannot be averaged on one input
+    # members trained at another input size: the ensemble reads at the largest, the smaller member gets
+    # that tensor resized to its own size (the mean of exactly that), close to its own prediction
     c = train(tiny_config(train={"epochs": 1}, data={"image_size": 32}), data, tmp_path / "c").best_checkpoint
+    assert main(["ensemble", str(c), str(a), "--out", str(tmp_path / "mixed.pt")]) == 0
+    mixed = Predictor.from_checkpoint(tmp_path / "mixed.pt", device="cpu")
+    assert mixed.meta.preprocess.image_size == 64 and [m["image_size"] for m in mixed.meta.members] == [32, 64]
+    (mc, _), (ma, _) = (model_from_checkpoint(load_checkpoint(p)) for p in (c, a))
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = (mc(torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear")).softmax(1) + ma(x).softmax(1)) / 2
+        assert mixed.model(x).softmax(1) == pytest.approx(want, abs=1e-6)
+        assert not torch.allclose(mc(x).softmax(1), mc(x[..., :32, :32]).softmax(1))  # the size is not ignored
+    alone = Predictor.from_checkpoint(c, device="cpu")
+    for img in sorted(data.rglob("*.png"))[:4]:
+        own = (alone.predict(img).probabilities["covid"] + members[0].predict(img).probabilities["covid"]) / 2
+        assert mixed.predict(img).probabilities["covid"] == pytest.approx(own, abs=0.05)
+    assert export_checkpoint(tmp_path / "mixed.pt", tmp_path / "mixed.onnx") < 1e-4
+    # members of another preprocessing (here the border crop) cannot be averaged on one input
+    d = train(tiny_config(train={"epochs": 1}, data={"crop": 0.1}), data, tmp_path / "e").best_checkpoint
     capsys.readouterr()
-    assert main(["ensemble", str(a), str(c), "--out", str(tmp_path / "bad.pt")]) == 2
-    assert "preprocessing differs" in capsys.readouterr().err
+    assert main(["ensemble", str(a), str(d), "--out", str(tmp_path / "bad.pt")]) == 2
+    assert "preprocessing differs from the first member in crop" in capsys.readouterr().err
 
 
 def test_train_ensemble_command_shares_one_split(tmp_path, capsys):

@@ -2,8 +2,11 @@
 
 ``covidscan ensemble A.pt B.pt --out ens.pt`` writes a checkpoint that ``predict``, ``serve``,
 ``evaluate``, ``explain``, ``calibrate`` and ``export`` accept like any other. Members must
-share the task and the preprocessing (input size, normalisation, crop and lung options), so
-one input tensor feeds them all; they may differ in backbone, head and training.
+share the task and the preprocessing (normalisation, crop and lung options), so one input
+tensor feeds them all; they may differ in backbone, head, training and input size. The
+ensemble reads images at its largest member's size; a member trained at a smaller size gets
+that tensor resized to its own inside the forward pass (bilinear, so it exports to ONNX),
+e.g. InceptionV3 at 299 px with EfficientNet-Lite0 at 224 px.
 
 The ensemble's forward returns ``log(mean_k softmax(f_k(x)))``: logits whose softmax is exactly
 the members' mean probability, so everything downstream (softmax, cross-entropy, ONNX export)
@@ -16,28 +19,42 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from covidscan.errors import CheckpointError
 
-#: preprocessing fields the members must agree on
-SHARED = ("image_size", "mean", "std", "equalize", "crop", "lung_crop", "lungs")
+#: preprocessing fields the members must agree on (image_size may differ: see the module docstring)
+SHARED = ("mean", "std", "equalize", "crop", "lung_crop", "lungs")
 
 
 class Ensemble(nn.Module):
-    """Mean of the members' softmax probabilities, returned as log-probabilities (``N x classes``)."""
+    """Mean of the members' softmax probabilities, returned as log-probabilities (``N x classes``).
 
-    def __init__(self, members: list[nn.Module]):
+    ``sizes``: each member's input size; a member whose size differs from the input's gets the
+    input resized to it (bilinear). ``None``: every member takes the input as it comes.
+    """
+
+    def __init__(self, members: list[nn.Module], sizes: list[int | None] | None = None):
         super().__init__()
         if not members:
             raise ValueError("an ensemble needs at least one member")
+        if sizes is not None and len(sizes) != len(members):
+            raise ValueError(f"{len(sizes)} sizes for {len(members)} members")
         self.members = nn.ModuleList(members)
+        self.sizes = list(sizes) if sizes is not None else [None] * len(members)
         self.spec = replace(members[0].spec, cam_layer="members.0.backbone")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(x).float().softmax(1) for m in self.members]).mean(0)
+        probs = torch.stack([m(self._fit(x, s)).float().softmax(1) for m, s in zip(self.members, self.sizes)]).mean(0)
         return probs.clamp_min(1e-12).log()
+
+    @staticmethod
+    def _fit(x: torch.Tensor, size: int | None) -> torch.Tensor:
+        if size is None or tuple(x.shape[-2:]) == (size, size):
+            return x
+        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def member_record(meta: CheckpointMeta, path: Path) -> dict:
@@ -46,6 +63,7 @@ def member_record(meta: CheckpointMeta, path: Path) -> dict:
         "backbone": meta.backbone,
         "head": meta.head,
         "dropout": meta.dropout,
+        "image_size": meta.preprocess.image_size,
         "weights_source": meta.weights_source,
         "config": meta.config,
         "val_metrics": meta.val_metrics,
@@ -77,8 +95,10 @@ def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointM
         metas.append((meta, Path(path)))
         state.update({f"members.{i}.{k}": v for k, v in obj["state_dict"].items()})
     first = metas[0][0]
+    largest = max((m for m, _ in metas), key=lambda m: m.preprocess.image_size)  # the ensemble's input size
     names = " + ".join(f"{m.backbone}/{m.head}" for m, _ in metas)
     meta = first.replace(
+        preprocess=largest.preprocess,
         backbone="ensemble",
         head="mean",
         weights_source="; ".join(m.weights_source for m, _ in metas),
@@ -100,7 +120,8 @@ def ensemble_from_meta(meta: CheckpointMeta, state_dict: dict, path) -> Ensemble
     for m in meta.members:
         model, _ = build_model(m["backbone"], m["head"], len(meta.class_names), weights="none", dropout=m.get("dropout"))
         members.append(model)
-    ens = Ensemble(members)
+    size = meta.preprocess.image_size  # members recorded before mixed sizes existed share the ensemble's
+    ens = Ensemble(members, [m.get("image_size", size) for m in meta.members])
     try:
         ens.load_state_dict(state_dict)
     except RuntimeError as exc:
