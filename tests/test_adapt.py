@@ -142,6 +142,17 @@ def test_train_ensemble_command_shares_one_split(tmp_path, capsys):
     assert main(args) == 2  # an ensemble is never replaced silently
     assert main(["evaluate", "--checkpoint", str(tmp_path / "ens" / "ensemble.pt"), "--out", str(tmp_path / "ev"),
                  "--bootstrap", "10", "--quiet"]) == 0  # fmt: skip
+    # one recipe, several seeds: a seed ensemble whose members differ only in train.seed
+    capsys.readouterr()
+    seeds = ["train-ensemble", "--config", str(tmp_path / "a.yaml"), "--seeds", "3", "4", "--data", str(data),
+             "--out", str(tmp_path / "seeds"), "--quiet"]  # fmt: skip
+    assert main(seeds) == 0
+    assert "a.yaml seed 4: best epoch" in capsys.readouterr().out
+    meta = load_checkpoint(tmp_path / "seeds" / "ensemble.pt")["meta"]
+    assert [m["config"]["train"]["seed"] for m in meta.members] == [3, 4]
+    w = [load_checkpoint(tmp_path / "seeds" / f"member{k}" / "best.pt")["state_dict"] for k in range(2)]
+    assert any(not torch.equal(w[0][k], w[1][k]) for k in w[0])
+    assert main(seeds[:3] + ["--data", str(data), "--out", str(tmp_path / "one")]) == 2  # one member is no ensemble
 
 
 def test_precise_bn_changes_statistics_only_and_is_the_data_average(tmp_path):

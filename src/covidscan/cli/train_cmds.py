@@ -91,11 +91,15 @@ def cmd_train_ensemble(args) -> int:
     from covidscan.ensemble import train_ensemble
 
     t0 = time.perf_counter()
-    configs = [load_config(c, args.set) for c in args.config]
+    seeds = args.seeds or [None]
+    members = [(c, s) for c in args.config for s in seeds]
+    if len(members) < 2:
+        raise CLIError("an ensemble needs at least two members: repeat --config, or give several --seeds")
+    configs = [load_config(c, args.set + ([f"train.seed={s}"] if s is not None else [])) for c, s in members]
     path, results = train_ensemble(configs, args.data, args.out, overwrite=args.overwrite, progress=not args.quiet)
-    for cfg_path, r in zip(args.config, results):
+    for (cfg_path, seed), r in zip(members, results):
         print(
-            f"member {cfg_path}: best epoch {r.best_epoch}, val acc {r.best_metrics.get('val_acc', float('nan')):.4f} ({r.seconds:.0f} s)"
+            f"member {cfg_path}{'' if seed is None else f' seed {seed}'}: best epoch {r.best_epoch}, val acc {r.best_metrics.get('val_acc', float('nan')):.4f} ({r.seconds:.0f} s)"
         )
     print(f"checkpoint: {path}   ({time.perf_counter() - t0:.0f} s)")
     return 0
@@ -115,7 +119,10 @@ def cmd_lungs(args) -> int:
 
 def register(sub) -> None:
     p = sub.add_parser("train-ensemble", help="train one model per --config on one split and average them (one checkpoint)")
-    p.add_argument("--config", type=Path, action="append", required=True, help="a member's recipe (repeat, at least two)")
+    p.add_argument("--config", type=Path, action="append", required=True, help="a member's recipe (repeatable)")
+    p.add_argument(
+        "--seeds", type=int, nargs="+", metavar="SEED", help="train each recipe once per seed (train.seed), e.g. --seeds 0 1"
+    )
     common.add_data(p, positional=False)
     common.add_out(p, "folder for member0, member1, ... and ensemble.pt")
     common.add_set(p)
