@@ -67,6 +67,16 @@ def test_manifest_missing_file(xray_dir):
         load_dataset(xray_dir)
 
 
+def test_a_moved_split_file_says_its_paths_are_relative(xray_dir, tmp_path):
+    split = write_split(grouped_split(load_dataset(xray_dir), seed=0), tmp_path / "run" / "split.csv")
+    assert len(read_split(split).index.records) == len(load_dataset(xray_dir).records)
+    moved = tmp_path / "archive" / "2026" / "run"
+    moved.parent.mkdir(parents=True)
+    split.parent.rename(moved)
+    with pytest.raises(FileNotFoundError, match="relative to .*archive/2026/run: was this folder moved"):
+        read_split(moved / "split.csv")
+
+
 def test_merge_rejects_disagreeing_tasks(xray_dir, ct_dir):
     with pytest.raises(ValueError, match="cannot merge|unknown label"):
         load_dataset([xray_dir, ct_dir], "ct")

@@ -165,7 +165,10 @@ def read_manifest(csv_path: Path) -> list[Record]:
         )
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) missing: {shown}")
+        hint = ""
+        if len(missing) == len(rows) and not any(Path(r.get("file", "")).is_absolute() for r in rows):
+            hint = f" (paths are relative to {root}: was this folder moved away from the data?)"
+        raise FileNotFoundError(f"{csv_path}: {len(missing)} listed file(s) missing: {shown}{hint}")
     return records
 
 
