@@ -113,6 +113,10 @@ def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):
         own = (alone.predict(img).probabilities["covid"] + members[0].predict(img).probabilities["covid"]) / 2
         assert mixed.predict(img).probabilities["covid"] == pytest.approx(own, abs=0.05)
     assert export_checkpoint(tmp_path / "mixed.pt", tmp_path / "mixed.onnx") < 1e-4
+    from covidscan.card import model_card
+
+    card = model_card(tmp_path / "mixed.pt")
+    assert "efficientnet_lite0/linear at 32 px" in card and "efficientnet_lite0/linear at 64 px" in card
     # members of another preprocessing (here the border crop) cannot be averaged on one input
     d = train(tiny_config(train={"epochs": 1}, data={"crop": 0.1}), data, tmp_path / "e").best_checkpoint
     capsys.readouterr()

@@ -59,8 +59,12 @@ def _model_section(meta: CheckpointMeta) -> list[str]:
     if meta.members:
         text = (
             f"An ensemble: the mean of {len(meta.members)} models' probabilities ("
-            + ", ".join(f"{m['backbone']}/{m['head']} from {m['checkpoint']}" for m in meta.members)
-            + f"). Shared input: {pre.image_size} px, normalised with mean {list(pre.mean)} and std {list(pre.std)}."
+            + ", ".join(
+                f"{m['backbone']}/{m['head']} at {m.get('image_size', pre.image_size)} px from {m['checkpoint']}"
+                for m in meta.members
+            )
+            + f"). Shared input: {pre.image_size} px (resized inside for a member trained at a smaller size), "
+            f"normalised with mean {list(pre.mean)} and std {list(pre.std)}."
         )
     lines = ["## Model", text]
     if meta.threshold:
