@@ -399,7 +399,9 @@ def register(sub) -> None:
     p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("ensemble", help="average several checkpoints' probabilities; writes one checkpoint")
-    p.add_argument("checkpoints", type=Path, nargs="+", help="member checkpoints (same task and preprocessing; input sizes may differ)")
+    p.add_argument(
+        "checkpoints", type=Path, nargs="+", help="member checkpoints (same task and preprocessing; input sizes may differ)"
+    )
     common.add_out(p, "ensemble checkpoint to write")
     p.set_defaults(func=cmd_ensemble)
 
