@@ -16,10 +16,11 @@ for s in 0 1; do
 done
 python benchmarks/loso_ensemble.py "$out/rec_e2_seed0" "$out/rec_e2_seed1" > "$out/rec_e2_seed1/summary_seed_ens.md" 2>&1
 # the issue's reference: a plain 4-epoch fine-tune of InceptionV3 (224 px, Adam 1e-4, batch 32, affine + flip)
-covidscan loso --config configs/xray_inception_v3.yaml --set train.epochs=4 --set train.batch_size=32 --data $X --sources $F \
+covidscan loso --config configs/xray_inception_finetune.yaml --data $X --sources $F \
   --out "$out/incv3_plain" --quiet --resume
 for m in "rec_pbn rec_pbn_seed1" "rec_pbn rec_incv3_224" "rec_pbn_seed1 rec_incv3_224" "rec_pbn_seed2 rec_incv3_224" \
-  "rec_pbn rec_incv3_299" "rec_pbn_seed1 rec_incv3_299" "rec_pbn_seed2 rec_incv3_299" "incv3_plain"; do
+  "rec_pbn rec_incv3_299" "rec_pbn_seed1 rec_incv3_299" "rec_pbn_seed2 rec_incv3_299" "incv3_plain" \
+  "rec_pbn incv3_plain" "rec_pbn_seed1 incv3_plain" "rec_pbn_seed2 incv3_plain"; do
   echo "\$ python benchmarks/loso_ensemble.py $m"; python benchmarks/loso_ensemble.py $(printf "$out/%s " $m)
 done > "$out/session7_ensembles.md" 2>&1
 covidscan ensemble "$out/rec_incv3_299/fold00/best.pt" "$out/rec_pbn/fold00/best.pt" --out "$out/mixed_fold00.pt"
