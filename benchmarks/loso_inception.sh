@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# Issue #11, item 4 (docs/results/generalisation.md, "Session 6"): the recommended recipe with InceptionV3
-# (offline ImageNet weights, 224 px) in place of EfficientNet-Lite0, on the two-pair yardstick, and the
-# ensemble of the two backbones (probabilities averaged). CPU: about 18 minutes per fold on 2 cores.
+# Issue #11, item 4 (docs/results/generalisation.md, "Session 7"): the recommended recipe with InceptionV3
+# (offline ImageNet weights, 224 or 299 px) in place of EfficientNet-Lite0, on the two-pair yardstick, and
+# the ensemble of the two backbones (probabilities averaged). CPU, 2 cores: about 12 minutes per fold at
+# 224 px, 22 at 299 px (measured in session 7).
 #   bash benchmarks/loso_inception.sh [runs/exp] [224|299]
 . "$(dirname "$0")/loso_common.sh"
 size=${2:-224}
