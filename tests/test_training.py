@@ -130,6 +130,48 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["train.epochs=three"])
     with pytest.raises(ValueError, match="unknown backbone"):
         load_config(None, ["model.backbone=vgg"])
+    with pytest.raises(ValueError, match="train.mixup"):
+        load_config(None, ["train.mixup=-0.2"])
+
+
+def test_mixup_blends_inputs_and_losses_with_one_weight_per_batch():
+    import torch.nn.functional as F
+
+    from covidscan.engine import train_one_epoch
+
+    class Recorder(torch.nn.Linear):
+        def forward(self, x):
+            self.seen, out = x.detach().clone(), super().forward(x)
+            self.out = out.detach().clone()
+            return out
+
+    torch.manual_seed(0)
+    x, y = torch.randn(8, 5), torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    net = Recorder(5, 3)
+    opt = torch.optim.SGD(net.parameters(), lr=0.0)  # lr 0: the recorded logits are what the loss saw
+    batch = [{"image": x, "label": y}]
+    kw = dict(pre=None, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
+    plain = train_one_epoch(net, batch, opt, **kw)
+    assert torch.equal(net.seen, x) and plain["train_loss"] == pytest.approx(F.cross_entropy(net.out, y).item())
+    mixed = train_one_epoch(net, batch, opt, mixup=0.4, **kw)
+    # every row is lam * x[i] + (1 - lam) * x[j] for one partner j and one lam shared by the batch
+    lams, partners = [], []
+    for i in range(8):
+        fits = []
+        for j in range(8):
+            d = x[i] - x[j]
+            a = 1.0 if j == i else float((net.seen[i] - x[j]) @ d / (d @ d))
+            fits.append(((net.seen[i] - (a * x[i] + (1 - a) * x[j])).norm().item(), a, j))
+        err, a, j = min(fits)
+        assert err < 1e-5
+        if j != i:
+            lams.append(a)
+        partners.append(j)
+    assert sorted(partners) == list(range(8)) and lams  # a permutation, not the identity
+    assert 0 < lams[0] < 1 and max(lams) - min(lams) < 1e-5
+    lam, perm = lams[0], torch.tensor(partners)
+    want = lam * F.cross_entropy(net.out, y) + (1 - lam) * F.cross_entropy(net.out, y[perm])
+    assert mixed["train_loss"] == pytest.approx(want.item(), rel=1e-5)
 
 
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))

@@ -316,9 +316,13 @@ class EpochProgress:
 
 def train_one_epoch(
     net, loader, optimizer, *, pre, device, autocast, class_w=None, channels_last=False, max_batches=0, bar=None,
-    progress: EpochProgress | None = None, on_step=None,
+    progress: EpochProgress | None = None, on_step=None, mixup: float = 0.0,
 ) -> dict:  # fmt: skip
     """One pass over ``loader``; returns ``{"train_loss", "train_acc", "seen"}`` (means over images).
+
+    ``mixup`` > 0: each batch is blended with a shuffled copy of itself, ``lam * x + (1 - lam) * x[perm]``
+    with ``lam ~ Beta(mixup, mixup)`` drawn from the global generator (seeded per epoch), and the loss is
+    the same blend of the two labels' cross-entropies; accuracy is counted against the unshuffled labels.
 
     ``progress``: continue an epoch resumed after ``progress.step`` steps (``loader`` then yields the
     remaining batches only); ``on_step(progress)`` is called after every optimizer step.
@@ -331,9 +335,16 @@ def train_one_epoch(
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         y = batch["label"].to(device, non_blocking=True)
+        lam, perm = 1.0, None
+        if mixup > 0 and y.numel() > 1:
+            lam = float(torch.distributions.Beta(mixup, mixup).sample())
+            perm = torch.randperm(y.numel()).to(device)
+            x = lam * x + (1 - lam) * x[perm]
         with autocast():
             logits = net(x)
         loss = F.cross_entropy(logits.float(), y, weight=class_w)
+        if perm is not None:
+            loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], weight=class_w)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -660,7 +671,7 @@ def run_epoch(
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-            progress=done, on_step=on_step,
+            progress=done, on_step=on_step, mixup=cfg.train.mixup,
         )  # fmt: skip
     if bar is not None:
         bar.close()
