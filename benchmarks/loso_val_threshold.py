@@ -61,7 +61,9 @@ def main() -> None:
         t = threshold_for_sensitivity(vy, vp, args.sensitivity)["value"]
         labels, p = averaged([read_scores(run / fold / "predictions.csv") for run in args.runs])
         labels = np.asarray(labels)
-        parts = [f"{fold}: threshold {t:.3f} (validation: {vy.sum()} COVID, {(~vy).sum()} other, spec {(vp[~vy] < t).mean():.1%})"]
+        parts = [
+            f"{fold}: threshold {t:.3f} (validation: {vy.sum()} COVID, {(~vy).sum()} other, spec {(vp[~vy] < t).mean():.1%})"
+        ]
         for label in sorted(set(labels)):
             sel = labels == label
             if label == POSITIVE_CLASS:

@@ -32,6 +32,36 @@ def test_balanced_sampler_matches_target_proportions():
         assert abs(cells[cell] / 30000 - 1 / 3) < 0.015, cells
 
 
+def test_sampler_strata_split_cells_by_a_manifest_field():
+    from types import SimpleNamespace
+
+    from covidscan.data.manifest import Record
+    from covidscan.engine import epoch_order
+
+    def rec(label, view, column=False):
+        row = {"view": view} if column else {"source_label": f"finding=x; view={view}; age=40"}
+        return Record(path=f"/x/{label}{view}", label=label, source="A", row=row)
+
+    # COVID 90 AP + 10 PA; normal 10 AP (a manifest column) + 90 PA: the view tells the label apart
+    recs = [rec("covid", "AP")] * 90 + [rec("covid", "PA")] * 10 + [rec("normal", "AP", True)] * 10
+    recs += [rec("normal", "PA", True)] * 90
+    assert (recs[0].attribute("view"), recs[150].attribute("VIEW"), recs[0].attribute("sex")) == ("AP", "", "")
+    assert recs[150].attribute("view") == "PA"  # the column wins; source_label is the fallback
+
+    def shares(strata):
+        cfg = tiny_config(train={"sampler": "balanced", "strata": strata})
+        data = SimpleNamespace(train=recs, train_records=recs)
+        order = []
+        for seed in range(60):
+            order += epoch_order(cfg, data, torch.Generator().manual_seed(seed))
+        cells = Counter((recs[i].label, recs[i].attribute("view")) for i in order)
+        return {c: n / len(order) for c, n in cells.items()}
+
+    assert shares("view") == pytest.approx(dict.fromkeys(shares("view"), 0.25), abs=0.01)  # 4 equal cells
+    plain = shares("")  # label x source only: within a label, views keep their 9:1 ratio
+    assert plain[("covid", "AP")] == pytest.approx(0.45, abs=0.01) and plain[("normal", "AP")] == pytest.approx(0.05, abs=0.01)
+
+
 @pytest.mark.parametrize("equalize", [False, True])
 @pytest.mark.parametrize("crop", [0.0, 0.1])
 def test_preprocessing_options_deterministic_size_range(equalize, crop):

@@ -130,6 +130,8 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["train.epochs=three"])
     with pytest.raises(ValueError, match="unknown backbone"):
         load_config(None, ["model.backbone=vgg"])
+    with pytest.raises(ValueError, match="train.sampler=balanced"):
+        load_config(None, ["train.strata=view"])
     with pytest.raises(ValueError, match="train.mixup"):
         load_config(None, ["train.mixup=-0.2"])
 

@@ -80,6 +80,7 @@ class TrainConfig:
     class_weights: bool = False  # weight the loss by inverse class frequency in train
     mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(a, a); 0 = off
     sampler: str = "plain"  # plain (shuffle) | balanced (equal draws per label x source cell)
+    strata: str = ""  # balanced sampler: also split cells by this manifest field (e.g. view: label x source x view)
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     amp: bool = True  # bf16 autocast on CUDA
@@ -241,6 +242,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError("augment: crop_scale, blur and jpeg must be in [0, 1]; gamma and noise must be >= 0")
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size and train.lr must be positive")
+    if cfg.train.strata and cfg.train.sampler != "balanced":
+        raise ConfigError(f"train.strata={cfg.train.strata!r} splits the balanced sampler's cells: set train.sampler=balanced")
     if cfg.train.mixup < 0:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: must be >= 0 (the Beta distribution's parameter; 0 = off)")
     # imported here, not at the top: reading a recipe must not pull in torch for commands that never train

@@ -213,10 +213,13 @@ def backbone_features(model, ds: ScanDataset, device, cfg: Config) -> torch.Tens
 
 def epoch_order(cfg: Config, data: TrainData, gen: torch.Generator) -> list[int]:
     """This epoch's order of training positions, the same on every process (seeded by ``gen``):
-    label x source balanced draws (``train.sampler=balanced``) or a permutation."""
+    label x source balanced draws (``train.sampler=balanced``; label x source x ``train.strata``
+    value when set) or a permutation."""
     n = len(data.train)
     if cfg.train.sampler == "balanced":
-        w = balanced_weights([r.label for r in data.train_records], [r.source for r in data.train_records])
+        recs, strata = data.train_records, cfg.train.strata
+        cells = [f"{r.source}|{r.attribute(strata)}" if strata else r.source for r in recs]
+        w = balanced_weights([r.label for r in recs], cells)
         return torch.multinomial(w, n, replacement=True, generator=gen).tolist()
     return torch.randperm(n, generator=gen).tolist()
 

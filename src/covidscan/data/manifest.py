@@ -44,6 +44,19 @@ class Record:
     row: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
     packed_row: int | None = field(default=None, compare=False, hash=False, repr=False)  # row in a packed dataset
 
+    def attribute(self, name: str) -> str:
+        """The manifest column ``name`` of this record; when the manifest has no such column, a
+        ``name=value`` entry of its free-text ``source_label`` (the shipped manifests write
+        ``finding=...; view=AP; age=...`` there); "" when neither holds it."""
+        value = str(self.row.get(name) or "").strip()
+        if value:
+            return value
+        for part in str(self.row.get("source_label") or "").split(";"):
+            key, eq, val = part.partition("=")
+            if eq and key.strip().lower() == name.lower():
+                return val.strip()
+        return ""
+
     @property
     def group(self) -> str:
         """Key for leak-free splitting: group_id, else patient_id, else the image itself."""
