@@ -183,6 +183,15 @@ def _ci(fold: dict, key: str, pct: bool = True) -> str:
     return fmt_interval(fold.get(key), fold.get(f"{key}_ci"), pct=pct)
 
 
+def _training_options(config: dict) -> str:
+    """Augmentation and training fields as ``key=value`` (what tells two recipes apart)."""
+    keep = ("enabled", "crop_scale", "gamma", "blur", "jpeg", "noise", "brightness", "contrast")
+    aug = [f"{k}={v}" for k, v in config.get("augment", {}).items() if k in keep]
+    keep = ("epochs", "lr", "batch_size", "seed", "precise_bn", "mixup", "strata")
+    train = [f"{k}={v}" for k, v in config.get("train", {}).items() if k in keep]
+    return "augment " + ", ".join(aug) + "; train " + ", ".join(train)
+
+
 def loso_markdown(r: dict) -> str:
     lines = [
         "# Leave-one-source-out",
@@ -191,6 +200,8 @@ def loso_markdown(r: dict) -> str:
         f"weights {r['config']['model']['weights']}, sampler {r['config']['train']['sampler']}, "
         f"equalize {r['config']['data']['equalize']}, crop {r['config']['data']['crop']}, "
         f"lung crop {r['config']['data'].get('lung_crop', False)}",
+        "",
+        f"Training options: {_training_options(r['config'])}",
         "",
         "| left-out source | images | classes | accuracy % | COVID AUROC [95% CI] | COVID sensitivity % [95% CI] | COVID specificity % [95% CI] |",
         "|---|---:|---|---:|---:|---:|---:|",
