@@ -55,6 +55,40 @@ def test_resume_equals_uninterrupted(tmp_path):
     assert [h["val_loss"] for h in resumed.history] == pytest.approx([h["val_loss"] for h in full.history])
 
 
+def test_weight_average_is_the_mean_of_the_steps_and_resumes(tmp_path, monkeypatch):
+    from covidscan.engine import CheckpointKeeper
+
+    data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
+    cfg = tiny_config(train={"epochs": 3, "lr": 1e-3, "swa_start": 2, "checkpoint_every": 1})
+    seen = []  # the weights after every optimizer step, by epoch (step checkpoints are written every step)
+    real = CheckpointKeeper.save_step
+
+    def record(self, epoch, progress, model, optimizer):
+        seen.append((epoch, {k: v.detach().clone() for k, v in model.named_parameters()}))
+        return real(self, epoch, progress, model, optimizer)
+
+    monkeypatch.setattr(CheckpointKeeper, "save_step", record)
+    full = train(cfg, data, tmp_path / "full")
+    best = load_checkpoint(full.best_checkpoint)
+    steps = [w for e, w in seen if e >= 2]
+    assert best["meta"]["val_metrics"]["averaged_steps"] == len(steps) > 2
+    last = load_checkpoint(full.last_checkpoint)["state_dict"]
+    for k in steps[0]:
+        want = torch.stack([w[k] for w in steps]).mean(0)
+        assert torch.allclose(best["state_dict"][k], want, atol=1e-6), k
+    assert any(not torch.allclose(best["state_dict"][k], last[k]) for k in steps[0])  # not the last epoch's weights
+    # BatchNorm statistics are re-estimated for the averaged weights, not those of any epoch
+    stats = [k for k in last if k.endswith("running_mean")]
+    assert all(not torch.allclose(best["state_dict"][k], last[k]) for k in stats[:3])
+    # a run stopped after epoch 2 and resumed averages the same steps
+    monkeypatch.setattr(CheckpointKeeper, "save_step", real)
+    train(cfg, data, tmp_path / "part", stop_after_epoch=2)
+    resumed = train(cfg, None, tmp_path / "part", resume=True)
+    again = load_checkpoint(resumed.best_checkpoint)["state_dict"]
+    for k in best["state_dict"]:
+        assert torch.allclose(again[k], best["state_dict"][k], atol=1e-6), k
+
+
 def test_early_stopping_and_frozen_backbone(tmp_path):
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
     cfg = tiny_config(train={"epochs": 20, "early_stopping": 1, "lr": 10.0}, model={"freeze_backbone": True})
@@ -132,6 +166,8 @@ def test_config_overrides_and_errors(tmp_path):
         load_config(None, ["model.backbone=vgg"])
     with pytest.raises(ValueError, match="train.sampler=balanced"):
         load_config(None, ["train.strata=view"])
+    with pytest.raises(ValueError, match="train.swa_start"):
+        load_config(None, ["train.epochs=3", "train.swa_start=4"])
     with pytest.raises(ValueError, match="train.mixup"):
         load_config(None, ["train.mixup=-0.2"])
 

@@ -87,6 +87,9 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast on CPU (off: 9x slower on CPUs without native bf16, measured)
     channels_last: bool = True  # NHWC memory format (CPU and CUDA)
     max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
+    swa_start: int = (
+        0  # average the weights over every step from this epoch on (SWA / SWAD), save the average as best.pt; 0 = off
+    )
     precise_bn: int = 0  # after each epoch, re-estimate BatchNorm statistics on this many training images (0 = off)
     device_data: bool = False  # keep the decoded uint8 images on the training device, augment whole batches there
     feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
@@ -244,6 +247,10 @@ def validate(cfg: Config) -> None:
         raise ConfigError("train.epochs, train.batch_size and train.lr must be positive")
     if cfg.train.strata and cfg.train.sampler != "balanced":
         raise ConfigError(f"train.strata={cfg.train.strata!r} splits the balanced sampler's cells: set train.sampler=balanced")
+    if not 0 <= cfg.train.swa_start <= cfg.train.epochs:
+        raise ConfigError(
+            f"train.swa_start={cfg.train.swa_start}: an epoch in 1..train.epochs ({cfg.train.epochs}), or 0 for off"
+        )
     if cfg.train.mixup < 0:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: must be >= 0 (the Beta distribution's parameter; 0 = off)")
     # imported here, not at the top: reading a recipe must not pull in torch for commands that never train

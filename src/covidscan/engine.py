@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel as DDP
+from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
 
 from covidscan.adapt import batchnorm_statistics
@@ -401,6 +402,7 @@ class CheckpointKeeper:
         self.best_value, self.best_epoch, self.bad_epochs = None, 0, 0
         self.best_metrics: dict = {}
         self.history: list[dict] = []
+        self.swa: AveragedModel | None = None  # saved with the train state, so a resumed run averages on
 
     @property
     def best_path(self) -> Path:
@@ -432,6 +434,7 @@ class CheckpointKeeper:
             "bad_epochs": self.bad_epochs,
             "best_metrics": self.best_metrics,
             "history": self.history,
+            **({"swa": _cpu_state(self.swa)} if self.swa is not None else {}),
         }
 
     def restore(self, ts: dict) -> tuple[int, dict | None]:
@@ -439,7 +442,18 @@ class CheckpointKeeper:
         step checkpoint, where in that epoch to continue (``run_epoch``'s ``resume``)."""
         self.best_value, self.best_epoch, self.bad_epochs = ts["best_value"], ts["best_epoch"], ts["bad_epochs"]
         self.best_metrics, self.history = ts["best_metrics"], list(ts["history"])
+        if self.swa is not None and "swa" in ts:
+            self.swa.load_state_dict(ts["swa"])
         return ts["epoch"] + 1, ts.get("in_epoch")
+
+    def save_average(self, model, row: dict) -> None:
+        """``best.pt`` := the weight average (``train.swa_start``), validated as ``row``; the epoch
+        checkpoints stay in ``last.pt`` and the history."""
+        self.best_metrics = {"val_loss": row["val_loss"], "val_acc": row["val_acc"], "epoch": self.history[-1]["epoch"]}
+        self.best_metrics["averaged_steps"] = row["averaged_steps"]
+        self.best_epoch = self.history[-1]["epoch"]
+        meta = self.meta.replace(epoch=self.best_epoch, val_metrics=self.best_metrics)
+        save_checkpoint(self.best_path, _cpu_state(model), meta)
 
     def update(self, epoch: int, row: dict, model, optimizer) -> bool:
         self.history.append(row)
@@ -600,6 +614,7 @@ class Fitting:
     optimizer: torch.optim.Optimizer
     class_w: torch.Tensor | None
     workers: int
+    swa: AveragedModel | None = None  # train.swa_start: running average of the weights
 
 
 def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
@@ -623,7 +638,8 @@ def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
         net, workers = model.head, 0
     if run.distributed:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    return Fitting(net, fast, optimizer, class_w, workers)
+    swa = AveragedModel(model, use_buffers=False) if cfg.train.swa_start else None
+    return Fitting(net, fast, optimizer, class_w, workers, swa)
 
 
 def run_epoch(
@@ -666,15 +682,19 @@ def run_epoch(
         if progress and run.is_main
         else None
     )
-    every = cfg.train.checkpoint_every
-    on_step = None
-    if every and run.is_main:
-        on_step = lambda p: p.step % every == 0 and keeper.save_step(epoch, p, model, fit.optimizer)  # noqa: E731
+    every, averaging = cfg.train.checkpoint_every, fit.swa is not None and epoch >= cfg.train.swa_start
+
+    def on_step(p: EpochProgress) -> None:
+        if averaging:
+            fit.swa.update_parameters(model)
+        if every and run.is_main and p.step % every == 0:
+            keeper.save_step(epoch, p, model, fit.optimizer)
+
     with fit.net.join() if isinstance(fit.net, DDP) else nullcontext():  # processes may get one batch more or less
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-            progress=done, on_step=on_step, mixup=cfg.train.mixup,
+            progress=done, on_step=on_step if averaging or every else None, mixup=cfg.train.mixup,
         )  # fmt: skip
     if bar is not None:
         bar.close()
@@ -697,6 +717,25 @@ def run_epoch(
     if run.distributed:
         dist.broadcast(stop, src=0)
     return bool(stop.item())
+
+
+def finish_average(cfg: Config, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper) -> None:
+    """The averaged weights (``train.swa_start``) in ``model``'s architecture: BatchNorm statistics
+    re-estimated on training images (the average of the weights is not the average of their
+    statistics; a frozen backbone keeps its own), validated, and saved as ``best.pt``."""
+    avg = fit.swa.module
+    if not cfg.model.freeze_backbone:
+        precise_bn(avg, data, cfg.train.precise_bn or 1024, seed=cfg.train.seed * 100_003)
+    device = run.device
+    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
+    loader = scan_loader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, num_workers=fit.workers)
+    row = validate(avg.head if fit.fast else avg, loader, pre=data.pre, device=device, autocast=autocast)
+    row["averaged_steps"] = int(fit.swa.n_averaged)
+    logger.info(
+        "weight average of %d steps from epoch %d: val loss %.4f acc %.3f (saved as best.pt)",
+        row["averaged_steps"], cfg.train.swa_start, row["val_loss"], row["val_acc"],
+    )  # fmt: skip
+    keeper.save_average(avg, row)
 
 
 def tensorboard_writer(cfg: Config, out: Path, run: RunContext):
@@ -731,6 +770,7 @@ def _fit(
     cfg: Config, model, data: TrainData, keeper: CheckpointKeeper, run: RunContext, state, progress, stop_after_epoch, t_start
 ) -> TrainResult:
     fit = prepare(cfg, model, data, run)
+    keeper.swa = fit.swa
     writer = tensorboard_writer(cfg, keeper.out, run)
     start_epoch, in_epoch = 1, None
     if state is not None:
@@ -747,6 +787,8 @@ def _fit(
             break
     if writer is not None:
         writer.close()
+    if fit.swa is not None and run.is_main and int(fit.swa.n_averaged) > 0:
+        finish_average(cfg, model, fit, data, run, keeper)
     if run.is_main and keeper.history:
         plot_history(keeper.history, keeper.out / "curves.png")
     return TrainResult(
