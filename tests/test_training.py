@@ -77,6 +77,11 @@ def test_weight_average_is_the_mean_of_the_steps_and_resumes(tmp_path, monkeypat
         want = torch.stack([w[k] for w in steps]).mean(0)
         assert torch.allclose(best["state_dict"][k], want, atol=1e-6), k
     assert any(not torch.allclose(best["state_dict"][k], last[k]) for k in steps[0])  # not the last epoch's weights
+    from covidscan.card import model_card
+
+    assert f"average of the weights over the last {len(steps)} optimizer steps (from epoch 2 to 3)" in model_card(
+        full.best_checkpoint
+    )
     # BatchNorm statistics are re-estimated for the averaged weights, not those of any epoch
     stats = [k for k in last if k.endswith("running_mean")]
     assert all(not torch.allclose(best["state_dict"][k], last[k]) for k in stats[:3])

@@ -54,7 +54,13 @@ def _model_section(meta: CheckpointMeta) -> list[str]:
         + (", cropped to the lung fields" if pre.lung_crop else "")
         + (f", learned lung mask option {pre.lungs!r}" if pre.lungs != "none" else "")
         + f". Trained with Adam (learning rate {train_cfg.get('lr')}) for up to {train_cfg.get('epochs')} epochs; "
-        f"the checkpoint is epoch {meta.epoch}, chosen on validation {train_cfg.get('monitor')}. Library versions: {versions}."
+        + (
+            f"the checkpoint is the average of the weights over the last {meta.val_metrics['averaged_steps']} optimizer "
+            f"steps (from epoch {train_cfg.get('swa_start')} to {meta.epoch}), BatchNorm statistics re-estimated for it. "
+            if meta.val_metrics.get("averaged_steps")
+            else f"the checkpoint is epoch {meta.epoch}, chosen on validation {train_cfg.get('monitor')}. "
+        )
+        + f"Library versions: {versions}."
     )
     if meta.members:
         text = (
