@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Issue #11, session 8 (docs/results/generalisation.md, "Session 8"): why the NIH normals fail at a
+# threshold fixed elsewhere, and five changes to the recommended recipe measured on the two-pair
+# yardstick: histogram equalisation, stronger noise, mixup, a label x source x projection sampler, and
+# weight averaging (three seeds). Needs the session-6/7 runs (rec_pbn, rec_pbn_seed1, rec_pbn_seed2,
+# incv3_plain, ft_pbn, frozen) for the per-projection table.
+# CPU: about 12 minutes per variant and seed on 2 cores (8 runs).
+. "$(dirname "$0")/loso_common.sh"
+for v in "rec_eq data.equalize=true" "rec_noise6 augment.noise=6.0" "rec_mixup train.mixup=0.2" "rec_view train.strata=view"; do
+  set -- $v
+  covidscan loso --config configs/xray_recommended.yaml --set "$2" --data $X --sources $F --out "$out/$1" --quiet --resume
+done
+for s in 0 1 2; do
+  covidscan loso --config configs/xray_recommended.yaml --set train.swa_start=2 --set train.seed=$s --data $X --sources $F \
+    --out "$out/rec_swa_seed$s" --quiet --resume
+done
+# per run: pooled AUROC, fixed-threshold specificity split by projection, and the threshold from the
+# run's own validation split (what a model could ship with) applied to the held-out collections
+for m in rec_pbn rec_pbn_seed1 rec_pbn_seed2 incv3_plain ft_pbn frozen rec_eq rec_noise6 rec_mixup rec_view \
+  rec_swa_seed0 rec_swa_seed1 rec_swa_seed2 "rec_pbn rec_pbn_seed1 rec_pbn_seed2" "rec_swa_seed0 rec_swa_seed1 rec_swa_seed2" "rec_pbn incv3_plain"; do
+  echo "\$ python benchmarks/loso_ensemble.py $m --by view"
+  python benchmarks/loso_ensemble.py $(printf "$out/%s " $m) --by view --data $X
+  python benchmarks/loso_val_threshold.py $(printf "$out/%s " $m)
+done > "$out/session8.md" 2>&1
