@@ -22,3 +22,22 @@ for m in rec_pbn rec_pbn_seed1 rec_pbn_seed2 incv3_plain ft_pbn frozen rec_eq re
   python benchmarks/loso_ensemble.py $(printf "$out/%s " $m) --by view --data $X
   python benchmarks/loso_val_threshold.py $(printf "$out/%s " $m)
 done > "$out/session8.md" 2>&1
+# Grad-CAM of the four NIH normals the default (seed 0, NIH + Hannover held out) scores highest for COVID
+mkdir -p "$out/nih_cam"
+for f in nih_00003601_007 nih_00003882_007 nih_00001684_005 nih_00001650_000; do
+  covidscan explain --checkpoint "$out/rec_pbn/fold00/best.pt" --class covid --out "$out/nih_cam/$f.png" \
+    ../shared/data/xray-extra/normal/$f.jpg
+done
+python - "$out/nih_cam" <<'PY'
+import sys
+from pathlib import Path
+from PIL import Image
+ims = [Image.open(p) for p in sorted(Path(sys.argv[1]).glob("nih_*.png"))]
+sheet = Image.new("RGB", (sum(i.width for i in ims), max(i.height for i in ims)), "white")
+x = 0
+for i in ims:
+    sheet.paste(i, (x, 0))
+    x += i.width
+sheet = sheet.resize((sheet.width * 2 // 3, sheet.height * 2 // 3))
+sheet.save("docs/results/nih_ap_gradcam.png", optimize=True)
+PY
