@@ -87,9 +87,7 @@ class TrainConfig:
     cpu_bf16: bool = False  # bf16 autocast on CPU (off: 9x slower on CPUs without native bf16, measured)
     channels_last: bool = True  # NHWC memory format (CPU and CUDA)
     max_batches: int = 0  # cap train batches per epoch (smoke tests); 0 = all
-    swa_start: int = (
-        0  # average the weights over every step from this epoch on (SWA / SWAD), save the average as best.pt; 0 = off
-    )
+    swa_start: int = 0  # average the weights of every step from this epoch on (SWA), save it as best.pt; 0 = off
     precise_bn: int = 0  # after each epoch, re-estimate BatchNorm statistics on this many training images (0 = off)
     device_data: bool = False  # keep the decoded uint8 images on the training device, augment whole batches there
     feature_cache: bool = True  # frozen backbone + no augmentation: compute backbone features once, train the head on them
