@@ -122,3 +122,38 @@ def test_evaluate_needs_data(tmp_path, trained_run):
     shutil.copy(result.best_checkpoint, lone)
     with pytest.raises(ValueError, match="nothing to evaluate"):
         evaluate(lone)
+
+
+def test_subgroups_by_manifest_field_match_the_per_image_predictions(trained_run, tmp_path, capsys):
+    import csv
+    import shutil
+
+    _, data = trained_run
+    ext = tmp_path / "ext"
+    shutil.copytree(data, ext)
+    rows = list(csv.DictReader(open(ext / "manifest.csv")))
+    for k, r in enumerate(rows):  # the projection as the shipped manifests record it, in source_label
+        r["source_label"] = f"finding=x; view={'AP' if k % 3 else 'PA'}; age=50"
+    with open(ext / "manifest.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    out = tmp_path / "eval"
+    assert main(["evaluate", "--checkpoint", str(trained_run[0].best_checkpoint), "--data", str(ext), "--out", str(out),
+                 "--by", "view", "--by", "source", "--bootstrap", "0", "--quiet"]) == 0  # fmt: skip
+    got = json.loads((out / "metrics.json").read_text())["subgroups"]
+    preds = list(csv.DictReader(open(out / "predictions.csv")))
+    view = {str((ext / r["file"]).resolve()): "AP" if k % 3 else "PA" for k, r in enumerate(rows)}
+    for field, key in (("view", lambda p: view[p["file"]]), ("source", lambda p: p["source"])):
+        want = {}
+        for p in preds:
+            want.setdefault(key(p), []).append(p)
+        assert [g["value"] for g in got[field]] == sorted(want)
+        for g in got[field]:
+            ps = want[g["value"]]
+            assert g["images"] == len(ps) and g["covid"] == sum(p["label"] == "covid" for p in ps)
+            assert g["accuracy"] == pytest.approx(np.mean([p["predicted"] == p["label"] for p in ps]))
+            neg = [p for p in ps if p["label"] != "covid"]
+            if neg:
+                assert g["covid_specificity"] == pytest.approx(np.mean([p["predicted"] != "covid" for p in neg]))
+    assert "Subgroups by view" in (out / "report.md").read_text() and "| PA |" in capsys.readouterr().out

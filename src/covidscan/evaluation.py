@@ -17,12 +17,14 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
+from sklearn.metrics import roc_auc_score
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data import DatasetIndex, load_dataset, read_split
 from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir, open_store, scan_loader
 from covidscan.data.transforms import Preprocess, model_input
 from covidscan.errors import DataError
+from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
 from covidscan.reports import write_evaluation
 from covidscan.results import EvaluationResult
@@ -126,10 +128,12 @@ def evaluate(
     seed: int = 0,
     tta: bool = False,
     grid_errors_first: bool = True,
+    by: tuple[str, ...] = (),
 ) -> EvaluationResult:
     """Evaluate; with ``out`` write ``metrics.json``, ``report.md``, ``report.html`` and PNG figures there.
     ``tta``: average each image's probabilities with its mirror image's; ``grid``: that many test scans drawn,
-    mistakes first (``grid_errors_first=False``: at random, as the paper's figure)."""
+    mistakes first (``grid_errors_first=False``: at random, as the paper's figure); ``by``: manifest fields
+    (``source``, or a column / ``source_label`` entry such as ``view``) to report subgroups by."""
     checkpoint = Path(checkpoint)
     model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
@@ -146,9 +150,36 @@ def evaluate(
         n_boot=n_boot,
         seed=seed,
     )
+    if by:
+        result.extra["subgroups"] = {f: subgroups(preds, meta, f) for f in by}
     if out is not None:
         write_evaluation(result, preds, Path(out), grid=grid, seed=seed, errors_first=grid_errors_first)
     return result
+
+
+def subgroups(preds: Predictions, meta: CheckpointMeta, field: str) -> list[dict]:
+    """Per value of ``field`` (``source``, else :meth:`Record.attribute`; "?" when unrecorded): images,
+    accuracy, COVID sensitivity and specificity at argmax and at the stored threshold (when the
+    checkpoint has one), and COVID AUROC where both COVID and other images are present."""
+    names = list(meta.class_names)
+    pos = names.index(POSITIVE_CLASS)
+    values = [(r.source if field == "source" else r.attribute(field)) or "?" for r in preds.index.records]
+    y, probs = np.asarray(preds.y), np.asarray(preds.probs)
+    thr = (meta.threshold or {}).get("value")
+    rows = []
+    for v in sorted(set(values)):
+        sel = np.asarray(values) == v
+        yy, pp = y[sel] == pos, probs[sel]
+        called = pp.argmax(1) == pos
+        row = {"value": v, "images": int(sel.sum()), "covid": int(yy.sum()), "accuracy": float((pp.argmax(1) == y[sel]).mean())}
+        row["covid_sensitivity"] = float(called[yy].mean()) if yy.any() else None
+        row["covid_specificity"] = float((~called[~yy]).mean()) if (~yy).any() else None
+        row["covid_auroc"] = float(roc_auc_score(yy, pp[:, pos])) if 0 < yy.sum() < len(yy) else None
+        if thr is not None:
+            row["threshold_sensitivity"] = float((pp[yy, pos] >= thr).mean()) if yy.any() else None
+            row["threshold_specificity"] = float((pp[~yy, pos] < thr).mean()) if (~yy).any() else None
+        rows.append(row)
+    return rows
 
 
 def summarise(

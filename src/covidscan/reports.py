@@ -66,6 +66,27 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
     return out
 
 
+def subgroup_markdown(field: str, rows: list[dict], threshold: dict | None) -> list[str]:
+    """The table of ``covidscan evaluate --by FIELD``: one row per value (point estimates, no intervals)."""
+
+    def pct(v):
+        return "n/a" if v is None else f"{100 * v:.1f}"
+
+    at = f" at the stored threshold {threshold['value']:.3f}" if threshold else ""
+    head = "| " + field + " | images | COVID | accuracy % | COVID sens. % | COVID spec. % | COVID AUROC |"
+    head += f" sens. / spec. %{at} |" if threshold else ""
+    lines = ["", f"Subgroups by {field} (at argmax unless stated; small groups vary a lot):", "", head]
+    lines.append("|---" * (head.count("|") - 1) + "|")
+    for row in rows:
+        auc = "n/a" if row["covid_auroc"] is None else f"{row['covid_auroc']:.3f}"
+        cells = [row["value"], row["images"], row["covid"], pct(row["accuracy"]), pct(row["covid_sensitivity"])]
+        cells += [pct(row["covid_specificity"]), auc]
+        if threshold:
+            cells.append(f"{pct(row.get('threshold_sensitivity'))} / {pct(row.get('threshold_specificity'))}")
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return lines
+
+
 def evaluation_markdown(r: EvaluationResult) -> str:
     names = r.class_names
     m, ci = r.metrics, r.ci95
@@ -116,6 +137,8 @@ def evaluation_markdown(r: EvaluationResult) -> str:
     ]
     for n, row in zip(names, m["confusion"]):
         lines.append(f"| {n} | " + " | ".join(str(v) for v in row) + " |")
+    for field, rows in r.extra.get("subgroups", {}).items():
+        lines += subgroup_markdown(field, rows, r.threshold)
     if r.skipped:
         lines += ["", f"{len(r.skipped)} unreadable image(s) skipped:"] + [f"- {s['path']}: {s['reason']}" for s in r.skipped]
     figures = [("confusion matrix", "confusion.png"), ("ROC", "roc.png"), ("reliability", "reliability.png")]

@@ -32,6 +32,7 @@ def cmd_evaluate(args) -> int:
         device=args.device,
         progress=not args.quiet,
         tta=args.tta,
+        by=tuple(args.by),
     )
     print(evaluation_markdown(result))
     print(f"wrote {args.out}/report.md, metrics.json, predictions.csv and figures")
@@ -320,6 +321,10 @@ def register(sub) -> None:
     p.add_argument("--grid-random", action="store_true", help="draw the grid's scans at random (the paper's Fig. 8/9)")
     _study_arg(p)
     p.add_argument("--tta", action="store_true", help="test-time augmentation: average each image with its mirror image")
+    p.add_argument(
+        "--by", action="append", default=[], metavar="FIELD",
+        help="also report subgroups by a manifest field: source, or a column / source_label entry such as view (repeatable)",
+    )  # fmt: skip
     common.add_bootstrap(p, 1000)
     common.add_device(p)
     common.add_quiet(p)
