@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import roc_auc_score
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
 from covidscan.data import DatasetIndex, load_dataset, read_split
@@ -159,25 +158,27 @@ def evaluate(
 
 def subgroups(preds: Predictions, meta: CheckpointMeta, field: str) -> list[dict]:
     """Per value of ``field`` (``source``, else :meth:`Record.attribute`; "?" when unrecorded): images,
-    accuracy, COVID sensitivity and specificity at argmax and at the stored threshold (when the
-    checkpoint has one), and COVID AUROC where both COVID and other images are present."""
-    names = list(meta.class_names)
-    pos = names.index(POSITIVE_CLASS)
-    values = [(r.source if field == "source" else r.attribute(field)) or "?" for r in preds.index.records]
+    accuracy, COVID sensitivity, specificity and AUROC (:func:`compute_metrics` on the subgroup; None
+    where undefined), and sensitivity / specificity at the stored threshold when the checkpoint has one."""
+    pos = list(meta.class_names).index(POSITIVE_CLASS)
+    values = np.asarray([(r.source if field == "source" else r.attribute(field)) or "?" for r in preds.index.records])
     y, probs = np.asarray(preds.y), np.asarray(preds.probs)
     thr = (meta.threshold or {}).get("value")
+
+    def defined(v):
+        return None if v is None or not np.isfinite(v) else float(v)
+
     rows = []
     for v in sorted(set(values)):
-        sel = np.asarray(values) == v
-        yy, pp = y[sel] == pos, probs[sel]
-        called = pp.argmax(1) == pos
-        row = {"value": v, "images": int(sel.sum()), "covid": int(yy.sum()), "accuracy": float((pp.argmax(1) == y[sel]).mean())}
-        row["covid_sensitivity"] = float(called[yy].mean()) if yy.any() else None
-        row["covid_specificity"] = float((~called[~yy]).mean()) if (~yy).any() else None
-        row["covid_auroc"] = float(roc_auc_score(yy, pp[:, pos])) if 0 < yy.sum() < len(yy) else None
+        sel = values == v
+        m, covid = compute_metrics(y[sel], probs[sel]), y[sel] == pos
+        per = m["per_class"]
+        row = {"value": str(v), "images": int(sel.sum()), "covid": int(covid.sum()), "accuracy": m["accuracy"]}
+        row.update({f"covid_{k}": defined(per[k][pos]) for k in ("sensitivity", "specificity", "auroc")})
         if thr is not None:
-            row["threshold_sensitivity"] = float((pp[yy, pos] >= thr).mean()) if yy.any() else None
-            row["threshold_specificity"] = float((pp[~yy, pos] < thr).mean()) if (~yy).any() else None
+            p = probs[sel, pos]
+            row["threshold_sensitivity"] = defined((p[covid] >= thr).mean()) if covid.any() else None
+            row["threshold_specificity"] = defined((p[~covid] < thr).mean()) if (~covid).any() else None
         rows.append(row)
     return rows
 
