@@ -32,6 +32,17 @@ def test_balanced_sampler_matches_target_proportions():
         assert abs(cells[cell] / 30000 - 1 / 3) < 0.015, cells
 
 
+def test_strata_field_that_no_training_image_has_is_one_clear_error(tmp_path):
+    from covidscan.engine import train
+    from covidscan.errors import DataError
+
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=32)
+    cfg = tiny_config(train={"sampler": "balanced", "strata": "veiw"})
+    with pytest.raises(DataError, match="train.strata='veiw': no training image has that manifest field"):
+        train(cfg, data, tmp_path / "run")
+    assert not (tmp_path / "run" / "best.pt").exists()
+
+
 def test_sampler_strata_split_cells_by_a_manifest_field():
     from types import SimpleNamespace
 

@@ -112,6 +112,12 @@ def make_split(cfg: Config, data, split_file: Path | None = None) -> Split:
             f"no training images of class(es) {', '.join(empty)} for task {cfg.data.task!r} "
             f"(classes {', '.join(split.index.class_names)}); add them, or set data.allow_empty_class=true"
         )
+    strata = cfg.train.strata
+    if strata and not any(split.index.records[i].attribute(strata) for i in split.indices("train")):
+        raise DataError(
+            f"train.strata={strata!r}: no training image has that manifest field (a column, or {strata}=value "
+            "in source_label; a packed folder keeps only source)"
+        )
     return split
 
 
@@ -642,6 +648,17 @@ def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
     return Fitting(net, fast, optimizer, class_w, workers, swa)
 
 
+def _autocast(cfg: Config, device):
+    return lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)
+
+
+def _val_loader(cfg: Config, data: TrainData, fit: Fitting, device):
+    return scan_loader(
+        data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, num_workers=fit.workers,
+        pin_memory=device.type == "cuda",
+    )  # fmt: skip
+
+
 def run_epoch(
     cfg: Config, epoch: int, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper, *,
     progress: bool, resume: dict | None = None,
@@ -673,7 +690,7 @@ def run_epoch(
         # generator=gen: the loader's worker seed is not drawn from the global generator (dropout's)
         rest = order[done.step * bs :]
         loader = scan_loader(data.train, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
-    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
+    autocast = _autocast(cfg, device)
     fit.net.train()
     if cfg.model.freeze_backbone:
         model.backbone.eval()  # frozen batch-norm statistics too
@@ -703,7 +720,7 @@ def run_epoch(
     train_secs = time.perf_counter() - t0
     stop = torch.zeros(1)
     if run.is_main:
-        val_loader = scan_loader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, **loader_kw)
+        val_loader = _val_loader(cfg, data, fit, device)
         row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
         row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
         row.update(train_images_per_s=(done["seen"] - seen_before) / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
@@ -727,9 +744,8 @@ def finish_average(cfg: Config, model, fit: Fitting, data: TrainData, run: RunCo
     if not cfg.model.freeze_backbone:
         precise_bn(avg, data, cfg.train.precise_bn or 1024, seed=cfg.train.seed * 100_003)
     device = run.device
-    autocast = lambda: autocast_for(device, amp=cfg.train.amp, cpu_bf16=cfg.train.cpu_bf16)  # noqa: E731
-    loader = scan_loader(data.val, batch_size=max(cfg.train.batch_size, 32), shuffle=False, num_workers=fit.workers)
-    row = validate(avg.head if fit.fast else avg, loader, pre=data.pre, device=device, autocast=autocast)
+    loader = _val_loader(cfg, data, fit, device)
+    row = validate(avg.head if fit.fast else avg, loader, pre=data.pre, device=device, autocast=_autocast(cfg, device))
     row["averaged_steps"] = int(fit.swa.n_averaged)
     logger.info(
         "weight average of %d steps from epoch %d: val loss %.4f acc %.3f (saved as best.pt)",
