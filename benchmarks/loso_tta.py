@@ -14,7 +14,7 @@ import numpy as np
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data import read_split
-from covidscan.data.dataset import ImageStore, default_cache_dir
+from covidscan.data.dataset import default_cache_dir, open_store
 from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
@@ -37,7 +37,7 @@ def main() -> None:
         scores = {False: [], True: []}
         for run in args.runs:
             model, meta = model_from_checkpoint(load_checkpoint(run / fold / "best.pt"))
-            store = ImageStore(test.records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+            store = open_store(test.records, meta.preprocess, packed=test.packed, cache_dir=default_cache_dir() / "images")
             pos = meta.class_names.index(POSITIVE_CLASS)
             for tta in (False, True):
                 pr = predict_index(model, meta, test, device="cpu", store=store, tta=tta)

@@ -26,7 +26,7 @@ import numpy as np
 from covidscan.adapt import adapt_batchnorm, threshold_for_sensitivity
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data import grouped_split, read_split
-from covidscan.data.dataset import ImageStore, default_cache_dir
+from covidscan.data.dataset import default_cache_dir, open_store
 from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import compute_metrics
@@ -46,7 +46,7 @@ def fold_rows(fold: Path, calib: float, seed: int) -> tuple[list[str], dict]:
     test = split.subset("test")
     model, meta = model_from_checkpoint(load_checkpoint(fold / "best.pt"))
     pos = meta.class_names.index(POSITIVE_CLASS)
-    store = ImageStore(test.records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+    store = open_store(test.records, meta.preprocess, packed=test.packed, cache_dir=default_cache_dir() / "images")
     base = predict_index(model, meta, test, device="cpu", store=store)
     y = base.y == pos
     out = {"fold": fold.name, "n": len(y), "base": _binary(y, base.probs[:, pos])}

@@ -180,3 +180,27 @@ def test_evaluate_and_loso_read_a_pack(tmp_path, capsys):
                  "--sources", "src_shared", *common, "--set", "data.allow_empty_class=true"]) == 0  # fmt: skip
     loso = json.loads((tmp_path / "loso" / "loso.json").read_text())
     assert [(f["source"], f["n"]) for f in loso["folds"]] == [("src_shared", 8)]  # the pack's pneumonia images
+
+
+def test_probe_reads_a_pack_like_the_files(tmp_path):
+    """The shortcut probe masks the pack's own pixels: the same three figures as on the image files."""
+    from PIL import Image
+
+    from covidscan.checkpoint import model_from_checkpoint
+    from covidscan.probe import probe
+
+    data = make_folder_dataset(tmp_path / "d", per_class=10, size=48)
+    for ci, label in enumerate(("covid", "pneumonia", "normal")):  # a class-specific border: something to learn
+        for f in (data / label).glob("*.png"):
+            a = np.asarray(Image.open(f)).copy()
+            a[:4, :] = a[-4:, :] = 60 + 80 * ci
+            Image.fromarray(a).save(f)
+    torch.manual_seed(0)
+    ckpt = train(tiny_config(train={"epochs": 6}), data, tmp_path / "run").best_checkpoint
+    _, meta = model_from_checkpoint(load_checkpoint(ckpt), ckpt)
+    pack(data, tmp_path / "p", meta.preprocess)
+    on_files, on_pack = probe(ckpt, data, device="cpu"), probe(ckpt, tmp_path / "p", device="cpu")
+    assert on_pack["n"] == on_files["n"] == 30
+    assert on_pack["results"] == on_files["results"]
+    # masking changed what the model saw (else the three rows would be one measurement)
+    assert len({tuple(r.values()) for r in on_pack["results"].values()}) > 1

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
-from covidscan.data.dataset import ImageStore, default_cache_dir
+from covidscan.data.dataset import default_cache_dir, open_store
 from covidscan.evaluation import predict_index, select_data
 from covidscan.metrics import compute_metrics
 
@@ -50,7 +50,9 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
     model, meta = model_from_checkpoint(obj, checkpoint)
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
     pre = meta.preprocess
-    store = ImageStore(index.records, pre, cache_dir=default_cache_dir() / "images")
+    store = open_store(index.records, pre, packed=index.packed, cache_dir=default_cache_dir() / "images")
+    # masking needs the images in memory: a packed folder's rows are read once here
+    full_images = store.images[torch.arange(len(index))] if index.packed is not None else store.images
     results = {}
     for name, keep in (
         ("full image", None),
@@ -60,7 +62,7 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
         st = store
         if keep:
             st = copy.copy(store)
-            st.images = mask_images(store.images, keep)
+            st.images = mask_images(full_images, keep)
         preds = predict_index(model, meta, index, device=device, store=st)
         m = compute_metrics(preds.y, preds.probs)
         results[name] = {"accuracy": m["accuracy"], "macro_auroc": m["macro"]["auroc"]}
