@@ -142,6 +142,38 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
         leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", resume=True)
 
 
+def test_data_exclude_drops_a_source_before_splitting_in_train_and_loso(tmp_path):
+    """data.exclude=kermany: no Kermany image in train, val or test, in train's split and in every loso fold."""
+    from covidscan.data import exclude_sources
+    from covidscan.engine import train
+    from covidscan.errors import DataError
+    from covidscan.loso import leave_one_source_out
+
+    kw = dict(classes=("covid", "normal"), per_class=8, size=40, manifest=False)
+    a = make_folder_dataset(tmp_path / "hospA", seed=1, **kw)
+    b = make_folder_dataset(tmp_path / "hospB", seed=2, **kw)
+    kids = make_folder_dataset(tmp_path / "Kermany_kids", seed=3, **kw)
+    index = load_dataset([a, b, kids], "ct")
+    assert len(exclude_sources(index, "")) == 48
+    kept = exclude_sources(index, " KERMANY ")  # case-insensitive, trimmed
+    assert len(kept) == 32 and {r.source for r in kept.records} == {"hospA", "hospB"}
+    with pytest.raises(DataError, match="typo matches no source"):
+        exclude_sources(index, "kermany,typo")
+    with pytest.raises(DataError, match="leaves no image"):
+        exclude_sources(index, "hosp,kermany")
+
+    cfg = tiny_config(data={"task": "ct", "exclude": "kermany"}, train={"epochs": 1})
+    train(cfg, [a, b, kids], tmp_path / "run")
+    rows = list(csv.DictReader(open(tmp_path / "run" / "split.csv")))
+    assert len(rows) == 32 and not any("Kermany" in r["file"] for r in rows)
+    res = leave_one_source_out(cfg, [a, b, kids], tmp_path / "loso", n_boot=0)
+    assert [f["source"] for f in res["folds"]] == ["hospa", "hospb"]  # no fold for the excluded source
+    for k in range(2):
+        rows = list(csv.DictReader(open(tmp_path / "loso" / f"fold{k:02d}" / "split.csv")))
+        assert len(rows) == 32 and not any("Kermany" in r["file"] for r in rows)
+    assert "data exclude=kermany" in (tmp_path / "loso" / "loso.md").read_text()
+
+
 def test_balanced_training_runs(tmp_path):
     from covidscan.engine import train
 

@@ -37,6 +37,9 @@ class DataConfig:
     lungs: str = "none"  # learned lung mask (covidscan.lungseg): none | crop | mask | both; stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
     allow_empty_class: bool = False  # train even when a class of the task has no training image (else an error)
+    # leave out, before splitting, the images whose source name contains one of these comma-separated terms
+    # (case-insensitive), e.g. "kermany" for an adult-only model; stored in the run's config
+    exclude: str = ""
 
 
 @dataclass(frozen=True)

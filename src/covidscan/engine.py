@@ -50,7 +50,7 @@ from covidscan.adapt import batchnorm_statistics
 from covidscan.appearance import appearance_reference
 from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
 from covidscan.config import Config, config_diff, config_from_dict, save_config
-from covidscan.data import Split, grouped_split, load_dataset, paper_split, read_split, write_split
+from covidscan.data import Split, exclude_sources, grouped_split, load_dataset, paper_split, read_split, write_split
 from covidscan.data.dataset import (
     FeatureDataset,
     ImageStore,
@@ -99,7 +99,7 @@ def make_split(cfg: Config, data, split_file: Path | None = None) -> Split:
     if split_file is not None:
         split = read_split(split_file, cfg.data.task)
     else:
-        index = load_dataset(data, cfg.data.task)
+        index = exclude_sources(load_dataset(data, cfg.data.task), cfg.data.exclude)
         fn = paper_split if cfg.data.protocol == "paper" else grouped_split
         split = fn(index, test=cfg.data.test, val=cfg.data.val, seed=cfg.data.split_seed)
     for name in ("train", "val"):

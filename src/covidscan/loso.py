@@ -21,7 +21,7 @@ import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.config import Config, load_config
-from covidscan.data import Split, grouped_split, load_dataset, write_split
+from covidscan.data import Split, exclude_sources, grouped_split, load_dataset, write_split
 from covidscan.engine import train
 from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
@@ -130,7 +130,7 @@ def leave_one_source_out(
     continues where it stopped."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    index = load_dataset(data, cfg.data.task)
+    index = exclude_sources(load_dataset(data, cfg.data.task), cfg.data.exclude)
     all_sources = sorted({source_key(r.source) for r in index.records})
     if len(all_sources) < 2:
         raise ValueError("leave-one-source-out needs at least two sources")
@@ -189,7 +189,8 @@ def _training_options(config: dict) -> str:
     aug = [f"{k}={v}" for k, v in config.get("augment", {}).items() if k in keep]
     keep = ("epochs", "lr", "batch_size", "seed", "precise_bn", "swa_start", "mixup", "strata")
     train = [f"{k}={v}" for k, v in config.get("train", {}).items() if k in keep]
-    return "augment " + ", ".join(aug) + "; train " + ", ".join(train)
+    excluded = config.get("data", {}).get("exclude")
+    return "augment " + ", ".join(aug) + "; train " + ", ".join(train) + (f"; data exclude={excluded}" if excluded else "")
 
 
 def loso_markdown(r: dict) -> str:

@@ -1,7 +1,7 @@
 """Data layer: image I/O, manifests, statistics, splits, transforms and datasets."""
 
 from covidscan.data.io import ImageReadError, ScanImage, read_bytes, read_image
-from covidscan.data.manifest import DatasetIndex, Record, load_dataset
+from covidscan.data.manifest import DatasetIndex, Record, exclude_sources, load_dataset
 from covidscan.data.splits import Split, grouped_split, paper_split, read_split, write_split
 from covidscan.data.stats import compute_stats, format_stats
 
@@ -12,6 +12,7 @@ __all__ = [
     "ScanImage",
     "Split",
     "compute_stats",
+    "exclude_sources",
     "format_stats",
     "grouped_split",
     "load_dataset",

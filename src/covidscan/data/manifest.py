@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from covidscan.data.io import is_image_file
+from covidscan.errors import DataError
 from covidscan.labels import TASKS, check_label
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,26 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     if dupes:
         raise ValueError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
     return DatasetIndex(task=task, records=records, origins=paths, packed=_open_pack(records, opened))
+
+
+def exclude_sources(index: DatasetIndex, terms: str) -> DatasetIndex:
+    """``index`` without the images whose source name contains one of the comma-separated ``terms``
+    (case-insensitive): ``"kermany"`` drops the pediatric Kermany films whatever their mirror is called.
+
+    Raises:
+        DataError: a term matches no source, or nothing is left.
+    """
+    words = [t.strip().lower() for t in terms.split(",") if t.strip()]
+    if not words:
+        return index
+    sources = sorted({r.source for r in index.records})
+    unused = [w for w in words if not any(w in s.lower() for s in sources)]
+    if unused:
+        raise DataError(f"data.exclude={terms!r}: {', '.join(unused)} matches no source; sources: {'; '.join(sources)}")
+    keep = [i for i, r in enumerate(index.records) if not any(w in r.source.lower() for w in words)]
+    if not keep:
+        raise DataError(f"data.exclude={terms!r} leaves no image")
+    return index.subset(keep)
 
 
 def _open_pack(records: list[Record], opened: dict | None = None):
