@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +57,10 @@ def main() -> None:
     args = ap.parse_args()
     print(f"runs: {' + '.join(map(str, args.runs))}")
     for fold in sorted(p.parent.name for p in args.runs[0].glob("fold*/predictions.csv")):
-        vlabels, vp = averaged([val_scores(run / fold) for run in args.runs])
+        vals = [val_scores(run / fold) for run in args.runs]
+        if any(set(v) != set(vals[0]) for v in vals):  # trained on other data: no shared validation split
+            sys.exit(f"{fold}: the runs' validation splits differ (trained on different data); no ensemble threshold")
+        vlabels, vp = averaged(vals)
         vy = np.asarray(vlabels) == POSITIVE_CLASS
         t = threshold_for_sensitivity(vy, vp, args.sensitivity)["value"]
         labels, p = averaged([read_scores(run / fold / "predictions.csv") for run in args.runs])
