@@ -76,6 +76,28 @@ def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run
     out = tmp_path / "adapted.pt"
     assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data / "normal"), "--out", str(out)]) == 0
     assert load_checkpoint(out)["meta"].adaptation["images"] == 10
+    # a packed folder of the same images (made with the model's preprocessing) gives the same statistics
+    from covidscan.data.packed import pack
+
+    on_files, on_pack = tmp_path / "adapted_all.pt", tmp_path / "adapted_from_pack.pt"
+    assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data), "--out", str(on_files)]) == 0
+    pack(data, tmp_path / "packed", load_checkpoint(out)["meta"].preprocess)
+    assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(tmp_path / "packed"), "--out", str(on_pack)]) == 0
+    assert load_checkpoint(on_pack)["meta"].adaptation["images"] == load_checkpoint(on_files)["meta"].adaptation["images"] == 30
+    a, b = load_checkpoint(on_files)["state_dict"], load_checkpoint(on_pack)["state_dict"]
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    capsys.readouterr()
+    bad = [
+        "adapt",
+        "--checkpoint",
+        str(result.best_checkpoint),
+        str(tmp_path / "packed"),
+        str(data),
+        "--out",
+        str(tmp_path / "x.pt"),
+    ]
+    assert main(bad) == 2 and "packed folder is adapted on alone" in capsys.readouterr().err
+    assert not (tmp_path / "x.pt").exists()
 
 
 def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):

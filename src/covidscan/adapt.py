@@ -22,8 +22,9 @@ from torch import nn
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint, save_checkpoint
 from covidscan.data import load_dataset
-from covidscan.data.dataset import ImageStore, default_cache_dir
+from covidscan.data.dataset import ImageStore, default_cache_dir, open_store
 from covidscan.data.manifest import Record
+from covidscan.data.packed import is_packed
 from covidscan.data.transforms import model_input
 from covidscan.errors import DataError
 from covidscan.evaluation import predict_index
@@ -122,12 +123,20 @@ def calibrate(checkpoint, data, out, *, sensitivity: float = 0.95, device: str =
 
 
 def adapt(checkpoint, images: list[Path], out, *, device: str = "auto") -> CheckpointMeta:
-    """Write ``out``: ``checkpoint`` with its BatchNorm statistics re-estimated on ``images`` (no labels needed)."""
+    """Write ``out``: ``checkpoint`` with its BatchNorm statistics re-estimated on ``images`` (no labels
+    needed): image files, or one packed folder (``covidscan pack``, made with the model's preprocessing)."""
     checkpoint, out = Path(checkpoint), Path(out)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
-    records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in images]
-    store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+    packs = [p for p in images if is_packed(p)]
+    if packs:
+        if len(images) != 1:
+            raise DataError(f"{packs[0]}: a packed folder is adapted on alone, not with other files or folders")
+        index = load_dataset(packs[0], meta.task)
+        store = open_store(index.records, meta.preprocess, packed=index.packed)
+    else:
+        records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in images]
+        store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
     n = adapt_batchnorm(model, store, device=device)
     if n < 2:
         raise DataError(f"BatchNorm adaptation needs at least 2 readable images; got {n}")
