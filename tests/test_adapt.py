@@ -59,7 +59,7 @@ def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run
     result, data = trained_run
     cal = tmp_path / "calibrated.pt"
     assert main(["calibrate", "--checkpoint", str(result.best_checkpoint), "--data", str(data), "--sensitivity", "0.9",
-                 "--out", str(cal)]) == 0  # fmt: skip
+                 "--out", str(cal), "--allow-training-images"]) == 0  # fmt: skip
     meta = load_checkpoint(cal)["meta"]
     t = meta.threshold
     assert t["class"] == "covid" and t["sensitivity"] >= 0.9 and t["target_sensitivity"] == 0.9

@@ -234,8 +234,7 @@ def test_readme_python_api_example_runs(trained_run, tmp_path, monkeypatch):
     code = (
         block.replace("runs/recommended/best.pt", str(result.best_checkpoint))
         .replace("../shared/data/xray/covid/ieee8023_00870a9c.jpg", str(scan))
-        .replace("../shared/data/xray-extra", str(data))
-        .replace('"runs/ext"', repr(str(tmp_path / "ext")))
+        .replace('"runs/test"', repr(str(tmp_path / "ext")))
     )
     assert "../shared" not in code and "runs/" not in code.replace(str(result.best_checkpoint), "")
     monkeypatch.chdir(tmp_path)

@@ -3,6 +3,7 @@ and the real JPEG-Lossless series in ../shared/data/ct-volumes."""
 
 import csv
 import io
+import json
 import random
 import zipfile
 from pathlib import Path
@@ -391,3 +392,43 @@ def test_study_slices_become_a_grouped_slice_dataset(tmp_path, capsys):
     expected = window(vol.hu[vol.names.index(first.row["slice"])], -600, 1500)
     assert k in (1, 2) and np.array_equal(np.asarray(Image.open(first.path)), expected)
     assert main(["study-slices", str(root), "--out", str(tmp_path / "slices")]) == 2  # not over a dataset
+
+
+def test_a_ct_slice_scored_alone_gets_the_probability_it_gets_inside_its_study(tmp_path, tiny_ct_predictor):
+    """One preprocessing path: a DICOM slice with Hounsfield units and a window of its own (a bone window
+    here) is mapped with the model's lung window, as the study maps it, whatever window the file carries."""
+    from pydicom import dcmread
+
+    from covidscan.data.io import read_image
+    from covidscan.study import predict_study
+
+    write_series(tmp_path / "s", phantom(4, size=64), shuffle=False, names=[f"s{k}.dcm" for k in range(4)])
+    for f in (tmp_path / "s").iterdir():  # a window of the file's own, far from the lung window
+        ds = dcmread(f)
+        ds.WindowCenter, ds.WindowWidth = 400, 1800
+        ds.save_as(f)
+    res = predict_study(tiny_ct_predictor, tmp_path / "s")
+    for row in res.scored:
+        alone = tiny_ct_predictor.predict(tmp_path / "s" / row["name"])
+        assert alone.probabilities["covid"] == pytest.approx(row["probability"], abs=1e-6)
+        assert not any(w.startswith("no lung") for w in alone.warnings)  # a chest slice: lung found
+    scan = read_image(tmp_path / "s" / "s1.dcm")
+    assert scan.hu is not None and scan.hu.min() == pytest.approx(-1000) and scan.hu.max() >= 30
+
+
+def test_a_slice_or_study_without_lung_is_flagged_never_normal(tmp_path, tiny_ct_predictor, tiny_ct_checkpoint, capsys):
+    from covidscan.cli import main
+    from covidscan.study import UNDETERMINED, predict_study
+
+    hu = phantom(3, size=64)
+    hu[:, hu[0] > -950] = 45  # abdomen-like: the body (lungs included) filled with soft tissue
+    write_series(tmp_path / "abdomen", hu, names=[f"a{k}.dcm" for k in range(3)])
+    p = tiny_ct_predictor.predict(tmp_path / "abdomen" / "a0.dcm")
+    assert p.out_of_distribution and any(w.startswith("no lung in this slice") for w in p.warnings)
+    res = predict_study(tiny_ct_predictor, tmp_path / "abdomen")
+    assert res.label == UNDETERMINED and res.probability != res.probability and "no slice with lung" in res.warnings[0]
+    assert res.to_dict()["label"] == UNDETERMINED
+    capsys.readouterr()
+    assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), str(tmp_path / "abdomen"), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    assert row["label"] == UNDETERMINED and row["probability"] is None

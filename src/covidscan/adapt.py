@@ -27,8 +27,9 @@ from covidscan.data.manifest import Record
 from covidscan.data.packed import is_packed
 from covidscan.data.transforms import model_input
 from covidscan.errors import DataError
-from covidscan.evaluation import predict_index
+from covidscan.evaluation import predict_index, store_overlap
 from covidscan.labels import POSITIVE_CLASS
+from covidscan.metrics import resampling_units, wilson_interval
 from covidscan.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -81,11 +82,15 @@ def batchnorm_statistics(model: nn.Module, images: torch.Tensor, pre, *, batch_s
     return n
 
 
+MIN_CALIBRATION = 50  # fewer positives or negatives than this: the operating point is a rough estimate
+
+
 def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, sensitivity: float = 0.95) -> dict:
     """The highest threshold ``t`` with sensitivity(score >= t) >= ``sensitivity`` on these labels.
 
     ``y_pos``: 1 for the positive class, 0 otherwise; ``score``: its probability. Returns the
-    threshold and the sensitivity and specificity it gives on these data.
+    threshold and the sensitivity and specificity it gives on these data, each with a 95% Wilson
+    interval (``sensitivity_ci95``, ``specificity_ci95``).
     """
     y_pos, score = np.asarray(y_pos, dtype=bool), np.asarray(score, dtype=np.float64)
     if not 0 < sensitivity <= 1:
@@ -96,29 +101,88 @@ def threshold_for_sensitivity(y_pos: np.ndarray, score: np.ndarray, sensitivity:
     k = math.ceil(sensitivity * len(pos) - 1e-9)  # positives that must score at or above t
     t = float(pos[k - 1])
     neg = score[~y_pos]
+    tp, tn = int((pos >= t).sum()), int((neg < t).sum())
     return {
         "value": t,
-        "sensitivity": float((pos >= t).mean()),
-        "specificity": float((neg < t).mean()) if len(neg) else math.nan,
+        "sensitivity": tp / len(pos),
+        "sensitivity_ci95": list(wilson_interval(tp, len(pos))),
+        "specificity": tn / len(neg) if len(neg) else math.nan,
+        "specificity_ci95": list(wilson_interval(tn, len(neg))),
         "positives": int(len(pos)),
         "negatives": int(len(neg)),
     }
 
 
-def calibrate(checkpoint, data, out, *, sensitivity: float = 0.95, device: str = "auto") -> CheckpointMeta:
+def threshold_interval(y_pos, score, groups=None, sensitivity: float = 0.95, *, n_boot: int = 1000, seed: int = 0) -> list:
+    """95% percentile interval of the threshold :func:`threshold_for_sensitivity` would choose, over
+    bootstrap resamples of whole groups (patients; images when ``groups`` is None) that hold a positive."""
+    y_pos, score = np.asarray(y_pos, dtype=bool), np.asarray(score, dtype=np.float64)
+    units, rng, values = resampling_units(groups, len(y_pos)), np.random.default_rng(seed), []
+    for _ in range(n_boot):
+        idx = np.concatenate([units[j] for j in rng.integers(0, len(units), len(units))])
+        if y_pos[idx].any():
+            values.append(threshold_for_sensitivity(y_pos[idx], score[idx], sensitivity)["value"])
+    return [float(np.quantile(values, 0.025)), float(np.quantile(values, 0.975))] if values else [math.nan, math.nan]
+
+
+def calibration_warnings(t: dict) -> list[str]:
+    """What makes an operating point uncertain: too few positives or negatives."""
+    out = []
+    for side in ("positives", "negatives"):
+        if t[side] < MIN_CALIBRATION:
+            out.append(
+                f"only {t[side]} {side}: the {'sensitivity' if side == 'positives' else 'specificity'} at this threshold "
+                f"is a rough estimate (see its interval); label at least {MIN_CALIBRATION}"
+            )
+    return out
+
+
+def calibrate(
+    checkpoint,
+    data,
+    out,
+    *,
+    sensitivity: float = 0.95,
+    device: str = "auto",
+    allow_training_images: bool = False,
+    n_boot: int = 1000,
+) -> CheckpointMeta:
     """Choose the ``covid`` threshold for ``sensitivity`` on labelled ``data`` and write ``out``:
-    the same model with the threshold in its metadata."""
+    the same model with the threshold, its interval and the sensitivity / specificity it gives (95%
+    intervals) in its metadata.
+
+    Raises:
+        DataError: some of ``data`` are images the model trained or validated on, or near-duplicates of
+            them (a threshold set on them is optimistic), unless ``allow_training_images``; no positives.
+    """
     checkpoint, out = Path(checkpoint), Path(out)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
     index = load_dataset(data, meta.task)
-    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images")
+    store = open_store(index.records, meta.preprocess, packed=index.packed, cache_dir=default_cache_dir() / "images")
+    ov, _ = store_overlap(obj.get("provenance"), store)
+    if ov.checked and not ov.external and not allow_training_images:
+        raise DataError(f"{ov.line()}; calibrate on scans the model never saw, or pass --allow-training-images to do it anyway")
+    preds = predict_index(model, meta, index, device=device, store=store)
     pos = meta.class_names.index(POSITIVE_CLASS)
-    chosen = threshold_for_sensitivity(preds.y == pos, preds.probs[:, pos], sensitivity)
+    y_pos, score = preds.y == pos, preds.probs[:, pos]
+    chosen = threshold_for_sensitivity(y_pos, score, sensitivity)
+    groups = [r.group for r in preds.index.records] if preds.index.grouping != "image" else None
+    chosen["value_ci95"] = threshold_interval(y_pos, score, groups, sensitivity, n_boot=n_boot)
     data_names = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
-    threshold = {"class": POSITIVE_CLASS, **chosen, "target_sensitivity": sensitivity, "data": ", ".join(data_names)}
+    threshold = {
+        "class": POSITIVE_CLASS,
+        **chosen,
+        "target_sensitivity": sensitivity,
+        "data": ", ".join(data_names),
+        "warnings": calibration_warnings(chosen) + ([] if ov.external else [ov.line()]),
+        "overlap": ov.to_dict(),
+        "training_images_allowed": bool(allow_training_images),
+    }
+    for w in threshold["warnings"]:
+        logger.warning("calibrate: %s", w)
     new = meta.replace(threshold=threshold)
-    save_checkpoint(out, obj["state_dict"], new)
+    save_checkpoint(out, obj["state_dict"], new, provenance=obj.get("provenance"))
     return new
 
 
@@ -137,10 +201,15 @@ def adapt(checkpoint, images: list[Path], out, *, device: str = "auto") -> Check
     else:
         records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in images]
         store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+    ov, _ = store_overlap(obj.get("provenance"), store)
+    if not ov.external:
+        logger.warning("adapt: %s", ov.line())
     n = adapt_batchnorm(model, store, device=device)
     if n < 2:
         raise DataError(f"BatchNorm adaptation needs at least 2 readable images; got {n}")
-    new = meta.replace(adaptation={"method": "batchnorm statistics (AdaBN)", "images": n, "skipped": len(store.skipped)})
+    new = meta.replace(
+        adaptation={"method": "batchnorm statistics (AdaBN)", "images": n, "skipped": len(store.skipped), "overlap": ov.to_dict()}
+    )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    save_checkpoint(out, state, new)
+    save_checkpoint(out, state, new, provenance=obj.get("provenance"))
     return new

@@ -3,7 +3,8 @@
 Layout (a plain dict of tensors and primitives, so no pickled object is ever executed)::
 
     {"format": "covidscan-checkpoint", "version": 1,
-     "state_dict": {...}, "meta": {...}, "train_state": {...} (last.pt only)}
+     "state_dict": {...}, "meta": {...}, "train_state": {...} (last.pt only),
+     "provenance": {...} (fingerprints of the training and validation images, covidscan.provenance)}
 
 ``meta`` is a :class:`CheckpointMeta` written as a dict: everything predict needs and every
 report states (task, class names, backbone, head, preprocessing, weights source, the resolved
@@ -16,6 +17,8 @@ to a temporary name and renamed (atomic).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import platform
 import tempfile
@@ -26,10 +29,12 @@ import torch
 import torchvision
 
 from covidscan import __version__
+from covidscan.config import StudyConfig
 from covidscan.data.transforms import Preprocess
 from covidscan.errors import CheckpointError
 from covidscan.labels import TASKS
 from covidscan.models import build_model
+from covidscan.provenance import valid_record
 
 FORMAT = "covidscan-checkpoint"
 VERSION = 1
@@ -120,26 +125,47 @@ class CheckpointMeta:
             raise CheckpointError(f"{where}: class names {list(names)} do not match task {task!r} ({list(TASKS[task])})")
         try:
             pre = Preprocess.from_dict(d["preprocess"])
+            if task == "ct" and pre.hu_window is None:  # written before CT slices had one window: the study's
+                st = {**dataclasses.asdict(StudyConfig()), **((d.get("config") or {}).get("study") or {})}
+                pre = dataclasses.replace(pre, hu_window=(float(st["window_center"]), float(st["window_width"])))
         except (KeyError, TypeError, ValueError) as exc:
             raise CheckpointError(f"{where}: stored preprocessing is not valid ({exc})") from None
         known = {f.name for f in fields(cls)} - {"extra"}
         values = {k: v for k, v in d.items() if k in known}
         values.update(class_names=tuple(names), preprocess=pre)
         thr = values.get("threshold")
-        if thr is not None and not (
-            isinstance(thr, dict) and thr.get("class") in names and 0 <= float(thr.get("value", -1)) <= 1
-        ):
+        if thr is not None and not (isinstance(thr, dict) and thr.get("class") in names and _probability(thr.get("value"))):
             raise CheckpointError(f"{where}: stored threshold {thr!r} is not a class of the model with a value in [0, 1]")
+        versions = values.get("versions", {})
+        if not isinstance(versions, dict) or not all(isinstance(v, str) for v in versions.values()):
+            raise CheckpointError(f"{where}: stored library versions {versions!r} are not a mapping of names to version strings")
         return cls(**values, extra={k: v for k, v in d.items() if k not in known})
 
 
-def save_checkpoint(path: str | Path, state_dict: dict, meta: CheckpointMeta | dict, train_state: dict | None = None) -> Path:
+def _probability(v) -> bool:
+    """A real number in [0, 1] (not a bool, string, list or NaN)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v) and 0 <= v <= 1
+
+
+def save_checkpoint(
+    path: str | Path,
+    state_dict: dict,
+    meta: CheckpointMeta | dict,
+    train_state: dict | None = None,
+    *,
+    provenance: dict | None = None,
+) -> Path:
+    """Write a checkpoint atomically. ``provenance``: the record of the images the model was trained
+    and validated on (:func:`covidscan.provenance.provenance_record`); keep it when re-saving a model
+    (calibrate, adapt, ensemble) so its overlap checks keep working."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     meta = meta.to_dict() if isinstance(meta, CheckpointMeta) else meta
     obj = {"format": FORMAT, "version": VERSION, "state_dict": state_dict, "meta": meta}
     if train_state is not None:
         obj["train_state"] = train_state
+    if provenance is not None:
+        obj["provenance"] = provenance
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
     try:
@@ -170,6 +196,8 @@ def load_checkpoint(path: str | Path, *, task: str | None = None) -> dict:
     if obj.get("version") != VERSION:
         raise CheckpointError(f"{path}: checkpoint version {obj.get('version')} not supported (this covidscan reads {VERSION})")
     obj["meta"] = CheckpointMeta.from_dict(obj.get("meta") or {}, str(path))
+    if obj.get("provenance") is not None and not valid_record(obj["provenance"]):
+        raise CheckpointError(f"{path}: its record of the training images (provenance) is malformed")
     if task is not None and obj["meta"].task != task:
         raise CheckpointError(f"{path}: checkpoint is for task {obj['meta'].task!r}, not {task!r}")
     return obj

@@ -213,6 +213,10 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+#: augmentations the device-resident batch path (transforms.batch_augment) does not implement
+BATCH_PATH_LACKS = ("crop_scale", "gamma", "blur", "jpeg", "noise")
+
+
 def validate(cfg: Config) -> None:
     """Check values the types cannot (ranges, choices, the backbone name); raises :class:`ConfigError`."""
     if cfg.data.task not in TASKS:
@@ -244,6 +248,14 @@ def validate(cfg: Config) -> None:
     a = cfg.augment
     if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
         raise ConfigError("augment: crop_scale, blur and jpeg must be in [0, 1]; gamma and noise must be >= 0")
+    batch_less = [k for k in BATCH_PATH_LACKS if getattr(a, k)]
+    if cfg.train.device_data and a.enabled and batch_less:
+        listed = ", ".join(f"augment.{k}={getattr(a, k):g}" for k in batch_less)
+        raise ConfigError(
+            f"train.device_data augments whole batches with rotation, zoom, shift, flip, brightness and contrast only; "
+            f"this recipe also sets {listed}, which that path would drop: set train.device_data=false (the DataLoader "
+            "path applies every augmentation)"
+        )
     if cfg.train.epochs < 1 or cfg.train.batch_size < 1 or cfg.train.lr <= 0:
         raise ConfigError("train.epochs, train.batch_size and train.lr must be positive")
     if cfg.train.strata and cfg.train.sampler != "balanced":

@@ -64,6 +64,7 @@ from covidscan.data.transforms import Preprocess, batch_augment, build_augment, 
 from covidscan.errors import ConfigError, DataError
 from covidscan.evaluation import predict_loader
 from covidscan.models import build_model
+from covidscan.provenance import fingerprints, provenance_record
 from covidscan.reports import plot_history
 from covidscan.runtime import RunContext, autocast_for
 
@@ -401,8 +402,10 @@ class CheckpointKeeper:
     returns True when early stopping says stop.
     """
 
-    def __init__(self, out: Path, meta: CheckpointMeta, *, monitor: str = "val_loss", patience: int = 0):
-        self.out, self.meta = out, meta
+    def __init__(
+        self, out: Path, meta: CheckpointMeta, *, monitor: str = "val_loss", patience: int = 0, provenance: dict | None = None
+    ):
+        self.out, self.meta, self.provenance = out, meta, provenance
         self.monitor, self.patience = monitor, patience
         self.higher_better = monitor == "val_acc"
         self.best_value, self.best_epoch, self.bad_epochs = None, 0, 0
@@ -429,7 +432,7 @@ class CheckpointKeeper:
         ts = self.state(optimizer, epoch - 1)
         ts["in_epoch"] = {"epoch": epoch, "progress": dataclasses.asdict(progress), "rng": torch.get_rng_state()}
         meta = self.meta.replace(epoch=epoch - 1, val_metrics={"step": progress.step})
-        save_checkpoint(self.step_path, _cpu_state(model), meta, ts)
+        save_checkpoint(self.step_path, _cpu_state(model), meta, ts, provenance=self.provenance)
 
     def state(self, optimizer, epoch: int) -> dict:
         return {
@@ -459,7 +462,7 @@ class CheckpointKeeper:
         self.best_metrics["averaged_steps"] = row["averaged_steps"]
         self.best_epoch = self.history[-1]["epoch"]
         meta = self.meta.replace(epoch=self.best_epoch, val_metrics=self.best_metrics)
-        save_checkpoint(self.best_path, _cpu_state(model), meta)
+        save_checkpoint(self.best_path, _cpu_state(model), meta, provenance=self.provenance)
 
     def update(self, epoch: int, row: dict, model, optimizer) -> bool:
         self.history.append(row)
@@ -471,10 +474,15 @@ class CheckpointKeeper:
         if improved:
             self.best_value, self.best_epoch, self.bad_epochs = value, epoch, 0
             self.best_metrics = {"val_loss": row["val_loss"], "val_acc": row["val_acc"], "epoch": epoch}
-            save_checkpoint(self.best_path, state, self.meta.replace(epoch=epoch, val_metrics=self.best_metrics))
+            save_checkpoint(
+                self.best_path, state, self.meta.replace(epoch=epoch, val_metrics=self.best_metrics), provenance=self.provenance
+            )
         else:
             self.bad_epochs += 1
-        save_checkpoint(self.last_path, state, self.meta.replace(epoch=epoch, val_metrics=row), self.state(optimizer, epoch))
+        save_checkpoint(
+            self.last_path, state, self.meta.replace(epoch=epoch, val_metrics=row), self.state(optimizer, epoch),
+            provenance=self.provenance,
+        )  # fmt: skip
         self.step_path.unlink(missing_ok=True)  # the epoch is complete: last.pt is the newer state
         if self.patience and self.bad_epochs >= self.patience:
             logger.info("early stopping: no %s improvement for %d epochs", self.monitor, self.bad_epochs)
@@ -489,7 +497,20 @@ def _split_fingerprint(split: Split) -> str:
     return h.hexdigest()
 
 
-def checkpoint_meta(cfg: Config, split: Split, data: TrainData, backbone: str, weights_source: str) -> CheckpointMeta:
+def training_record(data: TrainData) -> dict:
+    """Fingerprints of the readable training and validation images (:mod:`covidscan.provenance`),
+    stored in every checkpoint of the run so later evaluations can say what the model has seen."""
+    valid = data.store.valid
+    return provenance_record(
+        fingerprints(data.store.images, [i for i in data.train.indices if valid[i]]),
+        fingerprints(data.store.images, [i for i in data.val.indices if valid[i]]),
+        data.pre.image_size,
+    )
+
+
+def checkpoint_meta(
+    cfg: Config, split: Split, data: TrainData, backbone: str, weights_source: str, record: dict | None = None
+) -> CheckpointMeta:
     """Everything a checkpoint of this run records about itself (:class:`CheckpointMeta`)."""
     index = split.index
     valid_train = [k for k in data.train.indices if data.store.valid[k]]
@@ -502,7 +523,7 @@ def checkpoint_meta(cfg: Config, split: Split, data: TrainData, backbone: str, w
         preprocess=data.pre,
         weights_source=weights_source,
         config=cfg.to_dict(),
-        reference=appearance_reference(data.store.images[valid_train]),
+        reference=appearance_reference(data.store.images[valid_train], record),
         data_fingerprint=index.fingerprint(),
         split_fingerprint=_split_fingerprint(split),
         split_protocol=split.protocol,
@@ -590,7 +611,7 @@ def train(
             download=cfg.model.download,
             dropout=None if cfg.model.dropout < 0 else cfg.model.dropout,
         )
-        pre = Preprocess.from_config(model.spec, cfg.data)
+        pre = Preprocess.from_config(model.spec, cfg.data, cfg.study)
         train_data = build_datasets(cfg, split, pre, progress=progress and run.is_main)
         # everything that can fail on bad input has run: only now is the run folder written, and only
         # once every process has checked it (else a slower rank would find the files rank 0 just wrote)
@@ -604,8 +625,9 @@ def train(
                     (out / name).unlink(missing_ok=True)
                 write_split(split, out / "split.csv")
             logger.info("split (%s):\n%s", split.protocol, split.format_counts())
-        meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source)
-        keeper = CheckpointKeeper(out, meta, monitor=cfg.train.monitor, patience=cfg.train.early_stopping)
+        record = training_record(train_data)
+        meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source, record)
+        keeper = CheckpointKeeper(out, meta, monitor=cfg.train.monitor, patience=cfg.train.early_stopping, provenance=record)
         result = _fit(cfg, model, train_data, keeper, run, state, progress, stop_after_epoch, t_start)
     run.finish()
     return result

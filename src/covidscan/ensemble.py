@@ -24,6 +24,7 @@ from torch import nn
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from covidscan.errors import CheckpointError
+from covidscan.provenance import merge_records
 
 #: preprocessing fields the members must agree on (image_size may differ: see the module docstring)
 SHARED = ("mean", "std", "equalize", "crop", "lung_crop", "lungs")
@@ -78,9 +79,10 @@ def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointM
     """
     if len(checkpoints) < 2:
         raise CheckpointError("an ensemble needs at least two checkpoints")
-    metas, state = [], {}
+    metas, state, records = [], {}, []
     for i, path in enumerate(checkpoints):
         obj = load_checkpoint(path)
+        records.append(obj.get("provenance"))
         meta: CheckpointMeta = obj["meta"]
         if meta.members:
             raise CheckpointError(f"{path}: is an ensemble already; list its members instead")
@@ -108,7 +110,7 @@ def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointM
         val_metrics={},
         extra={**first.extra, "description": f"mean of {len(metas)} members: {names}"},
     )
-    save_checkpoint(out, state, meta)
+    save_checkpoint(out, state, meta, provenance=merge_records(records))
     return meta
 
 

@@ -24,7 +24,8 @@ from covidscan.data.dataset import ImageStore, ScanDataset, default_cache_dir, o
 from covidscan.data.transforms import Preprocess, model_input
 from covidscan.errors import DataError
 from covidscan.labels import POSITIVE_CLASS
-from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error
+from covidscan.metrics import bootstrap_ci, compute_metrics, expected_calibration_error, operating_points
+from covidscan.provenance import Overlap, fingerprints, overlap
 from covidscan.reports import write_evaluation
 from covidscan.results import EvaluationResult
 from covidscan.runtime import resolve_device
@@ -65,6 +66,8 @@ class Predictions:
     probs: np.ndarray  # N x C
     y: np.ndarray  # N
     skipped: list[tuple[str, str]]
+    rows: np.ndarray | None = None  # each prediction's row in the image store it was read from
+    seen: list[str] | None = None  # per image: "train", "val", "near-train", "near-val" or "" (covidscan.provenance)
 
 
 def predict_index(
@@ -89,13 +92,45 @@ def predict_index(
     model.to(dev)
     probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre, tta=tta)
     kept = index.subset(idx.tolist())
-    return Predictions(kept, probs, y, store.skipped)
+    return Predictions(kept, probs, y, store.skipped, rows=idx)
+
+
+def store_overlap(provenance: dict | None, store) -> tuple[Overlap, dict[int, str]]:
+    """:func:`covidscan.provenance.overlap` of a store's readable images with a checkpoint's record,
+    and each store row's verdict ("train", "val", "near-train", "near-val" or "")."""
+    rows = np.flatnonzero(store.valid).tolist()
+    ov = overlap(provenance, fingerprints(store.images, rows))
+    return ov, dict(zip(rows, ov.per_image))
+
+
+def overlap_preds(
+    provenance: dict | None,
+    model,
+    meta: CheckpointMeta,
+    index: DatasetIndex,
+    *,
+    device: str = "auto",
+    cache_dir: Path | None = None,
+    progress: bool = False,
+    tta: bool = False,
+    store=None,
+) -> tuple[Predictions, Overlap]:
+    """:func:`predict_index` plus the overlap of those images with the model's training record
+    (``provenance``), logged as a warning unless none of them was seen in training."""
+    store = store or open_store(index.records, meta.preprocess, packed=index.packed, cache_dir=cache_dir, progress=progress)
+    ov, seen = store_overlap(provenance, store)
+    if not ov.external:
+        logger.warning("%s", ov.line())
+    preds = predict_index(model, meta, index, device=device, store=store, tta=tta)
+    preds.seen = [seen.get(int(r), "") for r in preds.rows]
+    return preds, ov
 
 
 def select_data(
     checkpoint: Path, data=None, split_file=None, subset: str = "test", task: str | None = None
 ) -> tuple[DatasetIndex, str]:
-    """The images to evaluate and a description of where they come from.
+    """The images to evaluate and a description of where they come from (whether they are new to the
+    model is for :func:`store_overlap` to say, not this description).
 
     Raises:
         DataError: nothing to evaluate (no data, no split, no ``split.csv`` beside the checkpoint).
@@ -105,7 +140,7 @@ def select_data(
         return split.subset(subset), f"{subset} subset of {split_file} ({split.protocol} split)"
     if data:
         names = ", ".join(str(d) for d in ([data] if isinstance(data, (str, Path)) else data))
-        return load_dataset(data, task), f"all images of {names}"
+        return load_dataset(data, task), f"the images of {names}"
     own = Path(checkpoint).parent / "split.csv"
     if own.is_file():
         split = read_split(own, task)
@@ -134,11 +169,15 @@ def evaluate(
     mistakes first (``grid_errors_first=False``: at random, as the paper's figure); ``by``: manifest fields
     (``source``, or a column / ``source_label`` entry such as ``view``) to report subgroups by."""
     checkpoint = Path(checkpoint)
-    model, meta = model_from_checkpoint(load_checkpoint(checkpoint), checkpoint)
+    obj = load_checkpoint(checkpoint)
+    model, meta = model_from_checkpoint(obj, checkpoint)
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
     if len(index) == 0:
         raise DataError(f"no images to evaluate in {where}")
-    preds = predict_index(model, meta, index, device=device, cache_dir=default_cache_dir() / "images", progress=progress, tta=tta)
+    cache = default_cache_dir() / "images"
+    preds, ov = overlap_preds(
+        obj.get("provenance"), model, meta, index, device=device, cache_dir=cache, progress=progress, tta=tta
+    )
     if len(preds.y) == 0:
         raise DataError(f"no readable image to evaluate in {where}")
     result = summarise(
@@ -149,6 +188,7 @@ def evaluate(
         n_boot=n_boot,
         seed=seed,
     )
+    result.overlap = ov.to_dict()
     if by:
         result.extra["subgroups"] = {f: subgroups(preds, meta, f) for f in by}
     if out is not None:
@@ -194,6 +234,10 @@ def summarise(
     point = compute_metrics(preds.y, preds.probs)
     ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot, seed=seed) if n_boot else {}
     ece, reliability = expected_calibration_error(preds.y, preds.probs)
+    points = None
+    if POSITIVE_CLASS in names:
+        pos = names.index(POSITIVE_CLASS)
+        points = operating_points(preds.y == pos, preds.probs[:, pos], groups, n_boot=n_boot, seed=seed)
     counts = {}
     for c, name in enumerate(names):
         recs = [r for r, t in zip(index.records, preds.y) if t == c]
@@ -218,4 +262,5 @@ def summarise(
         ece=ece,
         reliability=reliability,
         threshold=meta.threshold,
+        operating_points=points,
     )

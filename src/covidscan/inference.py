@@ -7,7 +7,12 @@ model was trained on get warnings (they are heuristics, not a guarantee):
 * a colour photograph (channels differ);
 * a nearly uniform, or extremely dark or bright, image;
 * an image whose 16 x 16 appearance correlates with the mean training scan less than 99%
-  of the training scans did (a CT slice given to an X-ray model, say).
+  of the training scans did, or whose closest training scan is further than the closest one of
+  all but 0.5% of the validation scans (:mod:`covidscan.appearance`; a CT slice given to an X-ray
+  model, an X-ray given to a CT model);
+* CT models, a slice with Hounsfield units and (almost) no lung in it (neck, abdomen).
+
+Any of these sets :attr:`Prediction.out_of_distribution`: the probabilities are then not a finding.
 
 A Predictor is safe to share between threads: forward passes run under a lock.
 
@@ -28,8 +33,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from covidscan.appearance import appearance_correlation
+from covidscan.appearance import appearance_correlation, nearest_training_correlation, unit_rows
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, model_from_checkpoint
+from covidscan.data.hounsfield import MIN_LUNG_PIXELS, lung_fraction
 from covidscan.data.io import ScanImage, read_bytes, read_image
 from covidscan.data.transforms import to_gray_uint8, to_input
 from covidscan.explain import display_size, grad_cam
@@ -46,15 +52,21 @@ class Prediction:
     warnings: list[str] = field(default_factory=list)
     source: str = ""
     decision: dict | None = None
+    out_of_distribution: bool = False  # the scan is unlike what the model was trained on (see the module docstring)
 
     def to_dict(self) -> dict:
-        d = {"source": self.source, "label": self.label, "probabilities": self.probabilities, "warnings": self.warnings}
+        d = {
+            "source": self.source, "label": self.label, "probabilities": self.probabilities, "warnings": self.warnings,
+            "out_of_distribution": self.out_of_distribution,
+        }  # fmt: skip
         if self.decision is not None:
             d["decision"] = self.decision
         return d
 
 
 BACKENDS = ("torch", "onnxruntime")
+#: warnings that mean "not the kind of scan this model knows" (Prediction.out_of_distribution)
+OOD_PREFIXES = ("does not look like", "colour image", "nearly uniform", "no lung in this slice")
 
 
 class OnnxRuntimeForward:
@@ -98,8 +110,9 @@ class OnnxRuntimeForward:
 
 class Predictor:
     def __init__(
-        self, model: torch.nn.Module, meta: CheckpointMeta, device: str = "cpu", *, tta: bool = False, backend: str = "torch"
-    ):
+        self, model: torch.nn.Module, meta: CheckpointMeta, device: str = "cpu", *, tta: bool = False, backend: str = "torch",
+        provenance: dict | None = None,
+    ):  # fmt: skip
         if backend not in BACKENDS:
             raise ValueError(f"backend {backend!r}: choose one of {', '.join(BACKENDS)}")
         self.meta = meta
@@ -113,12 +126,16 @@ class Predictor:
             raise ValueError("the onnxruntime backend runs on the CPU; use --device cpu or the torch backend")
         self._ort = OnnxRuntimeForward(self.model, meta) if backend == "onnxruntime" else None
         self._lock = threading.Lock()
+        # the training scans' thumbnails (covidscan.provenance), for the nearest-training-scan check
+        train = None if provenance is None else provenance["thumb"][provenance["subset"] == 0]
+        self._train_unit = unit_rows(train) if train is not None and len(train) else None
 
     @classmethod
     def from_checkpoint(cls, path: str | Path, *, device: str = "auto", tta: bool = False, backend: str = "torch") -> Predictor:
         obj = load_checkpoint(path)
         model, meta = model_from_checkpoint(obj, path)
-        return cls(model, meta, str(resolve_device(device)) if backend == "torch" else "cpu", tta=tta, backend=backend)
+        dev = str(resolve_device(device)) if backend == "torch" else "cpu"
+        return cls(model, meta, dev, tta=tta, backend=backend, provenance=obj.get("provenance"))
 
     @property
     def task(self) -> str:
@@ -140,16 +157,37 @@ class Predictor:
         elif float(g.mean()) < 0.03 or float(g.mean()) > 0.97:
             warns.append(f"values out of the usual range (mean intensity {float(g.mean()):.2f})")
         ref = self.meta.reference or {}
+        u8 = to_gray_uint8(scan, self.pre) if u8 is None else u8
+        unlike = []
         if ref.get("thumb"):
-            u8 = to_gray_uint8(scan, self.pre) if u8 is None else u8
             corr = appearance_correlation(u8, ref)
             if corr < ref["corr_p01"]:
-                other = "CT" if self.task == "xray" else "X-ray"
-                warns.append(
-                    f"does not look like the {self.task} scans this model was trained on "
-                    f"(appearance correlation {corr:.2f} < {ref['corr_p01']:.2f}); a {other} image?"
-                )
+                unlike.append(f"appearance correlation {corr:.2f} < {ref['corr_p01']:.2f}")
+        if self._train_unit is not None and "nn_threshold" in ref:
+            near = nearest_training_correlation(u8, self._train_unit)
+            if near < ref["nn_threshold"]:
+                unlike.append(f"closest training scan correlates {near:.2f} < {ref['nn_threshold']:.2f}")
+        if unlike:
+            other = "CT" if self.task == "xray" else "X-ray"
+            warns.append(
+                f"does not look like the {self.task} scans this model was trained on ({'; '.join(unlike)}); a {other} image?"
+            )
+        if self.task == "ct" and scan.hu is not None:
+            lung = lung_fraction(scan.hu)
+            if lung < MIN_LUNG_PIXELS:
+                warns.append(f"no lung in this slice ({lung:.1%} of it is lung): a CT model scores chest slices only")
         return warns
+
+    @staticmethod
+    def out_of_distribution(warnings: list[str]) -> bool:
+        """True when a warning says the scan is not the kind the model knows (not for mere oddities of range)."""
+        return any(w.startswith(OOD_PREFIXES) for w in warnings)
+
+    def _prediction(self, p: np.ndarray, warns: list[str], source: str) -> Prediction:
+        probs = {n: float(v) for n, v in zip(self.class_names, p)}
+        return Prediction(
+            probs, self.class_names[int(p.argmax())], warns, source, self.decide(probs), self.out_of_distribution(warns)
+        )
 
     @torch.no_grad()
     def probabilities(self, x: torch.Tensor) -> np.ndarray:
@@ -166,9 +204,7 @@ class Predictor:
     def predict_scan(self, scan: ScanImage, source: str = "") -> Prediction:
         u8 = to_gray_uint8(scan, self.pre)  # decoded, resized once for the model and the checks
         p = self.probabilities(to_input(u8, self.pre)[None])[0]
-        k = int(p.argmax())
-        probs = {n: float(v) for n, v in zip(self.class_names, p)}
-        return Prediction(probs, self.class_names[k], self.check(scan, u8), source or str(scan.path), self.decide(probs))
+        return self._prediction(p, self.check(scan, u8), source or str(scan.path))
 
     def decide(self, probs: dict[str, float]) -> dict | None:
         """Positive / negative at the checkpoint's calibrated threshold; None when it has none."""
@@ -191,8 +227,7 @@ class Predictor:
                 u8 = [to_gray_uint8(sc, self.pre) for sc, _ in part]
                 probs = self.probabilities(torch.stack([to_input(u, self.pre) for u in u8]))
                 for (sc, src), u, p in zip(part, u8, probs):
-                    d = {n: float(v) for n, v in zip(self.class_names, p)}
-                    out.append(Prediction(d, self.class_names[int(p.argmax())], self.check(sc, u), src, self.decide(d)))
+                    out.append(self._prediction(p, self.check(sc, u), src))
             return out
         scan, src = self._as_scan(item)
         return self.predict_scan(scan, src)

@@ -103,13 +103,7 @@ def bootstrap_ci(
     y = np.asarray(y, dtype=int)
     probs = np.asarray(probs, dtype=np.float64)
     rng = np.random.default_rng(seed)
-    if groups is None:
-        units = [np.array([i]) for i in range(len(y))]
-    else:
-        _, inv = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
-        order = np.argsort(inv, kind="stable")
-        bounds = np.flatnonzero(np.diff(inv[order])) + 1
-        units = np.split(order, bounds)
+    units = resampling_units(groups, len(y))
     k = len(units)
     samples: dict[str, list[float]] = {}
     for _ in range(n_boot):
@@ -146,3 +140,73 @@ def expected_calibration_error(y, probs, n_bins: int = 15) -> tuple[float, dict]
         if cnt:
             ece += cnt / len(y) * abs(conf[mask].mean() - correct[mask].mean())
     return float(ece), table
+
+
+def wilson_interval(k: int, n: int, alpha: float = 0.05) -> tuple[float, float]:
+    """Wilson score interval of a proportion ``k / n`` (nan, nan when ``n`` is 0)."""
+    if n <= 0:
+        return (math.nan, math.nan)
+    from scipy.stats import norm
+
+    z = float(norm.ppf(1 - alpha / 2))
+    p = k / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = max(0.0, centre - half), min(1.0, centre + half)
+    return (0.0 if k == 0 else lo, 1.0 if k == n else hi)  # exact ends (no 0.9999999 above an observed 1.0)
+
+
+#: the operating points :func:`operating_points` reports: (what is fixed, its target)
+OPERATING_POINTS = (("specificity", 0.90), ("specificity", 0.95), ("sensitivity", 0.90), ("sensitivity", 0.95))
+
+
+def _points(y_pos: np.ndarray, score: np.ndarray) -> dict[str, float]:
+    """Sensitivity at specificity >= 90 / 95% and specificity at sensitivity >= 90 / 95% (best over thresholds)."""
+    pos, neg = score[y_pos], score[~y_pos]
+    if len(pos) == 0 or len(neg) == 0:
+        return {f"{'sensitivity' if f == 'specificity' else 'specificity'}@{f}={t:g}": math.nan for f, t in OPERATING_POINTS}
+    thresholds = np.unique(np.concatenate([score, [np.inf]]))
+    pos_s, neg_s = np.sort(pos), np.sort(neg)
+    # at threshold t (positive when score >= t): sensitivity = share of pos >= t, specificity = share of neg < t
+    sens = 1 - np.searchsorted(pos_s, thresholds, side="left") / len(pos)
+    spec = np.searchsorted(neg_s, thresholds, side="left") / len(neg)
+    out = {}
+    for fixed, target in OPERATING_POINTS:
+        if fixed == "specificity":
+            ok = spec >= target - 1e-12
+            out[f"sensitivity@specificity={target:g}"] = float(sens[ok].max()) if ok.any() else math.nan
+        else:
+            ok = sens >= target - 1e-12
+            out[f"specificity@sensitivity={target:g}"] = float(spec[ok].max()) if ok.any() else math.nan
+    return out
+
+
+def operating_points(y_pos, score, groups=None, *, n_boot: int = 1000, seed: int = 0, alpha: float = 0.05) -> dict:
+    """For a positive class: sensitivity at 90% and 95% specificity and specificity at 90% and 95%
+    sensitivity (the best the score achieves at that constraint), each ``{"value", "ci95"}`` with a
+    percentile bootstrap interval over whole groups (patients) when ``groups`` is given."""
+    y_pos, score = np.asarray(y_pos, dtype=bool), np.asarray(score, dtype=np.float64)
+    point = _points(y_pos, score)
+    units = resampling_units(groups, len(y_pos))
+    rng = np.random.default_rng(seed)
+    samples: dict[str, list[float]] = {k: [] for k in point}
+    for _ in range(n_boot):
+        idx = np.concatenate([units[j] for j in rng.integers(0, len(units), len(units))])
+        for k, v in _points(y_pos[idx], score[idx]).items():
+            samples[k].append(v)
+    out = {}
+    for k, v in point.items():
+        arr = np.asarray(samples[k], dtype=np.float64)
+        arr = arr[np.isfinite(arr)]
+        ci = (float(np.quantile(arr, alpha / 2)), float(np.quantile(arr, 1 - alpha / 2))) if len(arr) else (math.nan, math.nan)
+        out[k] = {"value": v, "ci95": list(ci)}
+    return out
+
+
+def resampling_units(groups, n: int) -> list[np.ndarray]:
+    """Resampling units: one per group (patient), else one per image."""
+    if groups is None:
+        return [np.array([i]) for i in range(n)]
+    _, inv = np.unique(np.asarray(groups, dtype=object).astype(str), return_inverse=True)
+    order = np.argsort(inv, kind="stable")
+    return np.split(order, np.flatnonzero(np.diff(inv[order])) + 1)

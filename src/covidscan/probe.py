@@ -13,6 +13,7 @@ chance is the majority-class rate of the evaluated set.
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -20,8 +21,10 @@ import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data.dataset import default_cache_dir, open_store
-from covidscan.evaluation import predict_index, select_data
+from covidscan.evaluation import predict_index, select_data, store_overlap
 from covidscan.metrics import compute_metrics
+
+logger = logging.getLogger(__name__)
 
 #: central box as fractions of the side: x from 0.2 to 0.8, y from 0.15 to 0.9 (the lung field on a PA/AP film)
 CENTRE = (0.2, 0.8, 0.15, 0.9)
@@ -51,6 +54,9 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
     index, where = select_data(checkpoint, data, split_file, subset, meta.task)
     pre = meta.preprocess
     store = open_store(index.records, pre, packed=index.packed, cache_dir=default_cache_dir() / "images")
+    ov, _ = store_overlap(obj.get("provenance"), store)
+    if not ov.external:
+        logger.warning("%s", ov.line())
     # masking needs the images in memory: a packed folder's rows are read once here
     full_images = store.images[torch.arange(len(index))] if index.packed is not None else store.images
     results = {}
@@ -80,6 +86,7 @@ def probe(checkpoint, data=None, *, split_file=None, subset: str = "test", devic
         "retained": retained,
         "verdict": verdict,
         "centre_box": CENTRE,
+        "overlap": ov.to_dict(),
     }
 
 
@@ -113,6 +120,7 @@ def probe_markdown(r: dict) -> str:
         "",
         f"- checkpoint: `{r['checkpoint']}`",
         f"- evaluated on: {r['evaluated_on']} (n = {r['n']})",
+        f"- seen in training: {r['overlap']['summary'] if r.get('overlap') else 'not checked'}",
         f"- chance (majority class): {r['chance'] * 100:.1f} %",
         f"- centre box (fractions of width / height): x {r['centre_box'][0]}–{r['centre_box'][1]}, "
         f"y {r['centre_box'][2]}–{r['centre_box'][3]}",

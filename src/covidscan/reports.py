@@ -31,7 +31,7 @@ def augment_preview(data, out, *, config=None, overrides=None, n: int = 4, seed:
     """Rows: one scan each; columns: the preprocessed original, then 5 training augmentations."""
     cfg = load_config(config, overrides or [])
     index = load_dataset(data, task or cfg.data.task if config else task)
-    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data)
+    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data, cfg.study)
     aug = build_augment(cfg.augment, pre.image_size)
     rng = np.random.default_rng(seed)
     picks = rng.choice(len(index), size=min(n, len(index)), replace=False)
@@ -87,6 +87,18 @@ def subgroup_markdown(field: str, rows: list[dict], threshold: dict | None) -> l
     return lines
 
 
+def _overlap_text(r: EvaluationResult) -> str:
+    """The overlap line of a report: what of the evaluated set the model trained or validated on."""
+    ov = r.overlap
+    if ov is None:
+        return "not checked"
+    if not ov.get("checked"):
+        return ov["summary"]
+    if ov["external"]:
+        return ov["summary"]
+    return "**" + ov["summary"] + "**: these figures overstate what the model does on new scans"
+
+
 def evaluation_markdown(r: EvaluationResult) -> str:
     names = r.class_names
     m, ci = r.metrics, r.ci95
@@ -98,6 +110,7 @@ def evaluation_markdown(r: EvaluationResult) -> str:
         f"- checkpoint: `{r.checkpoint}`",
         f"- weights source: {r.weights_source}",
         f"- evaluated on: {r.evaluated_on}",
+        f"- seen in training: {_overlap_text(r)}",
         f"- split type: {r.split_type} (model trained on a {r.trained_split_protocol} split)",
         f"- bootstrap: {r.bootstrap['resamples']} resamples of {r.bootstrap['unit']}s, 95% percentile intervals",
         "",
@@ -126,6 +139,17 @@ def evaluation_markdown(r: EvaluationResult) -> str:
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     cells = [fmt_interval(m["macro"][k], ci.get(f"macro_{k}"), pct=k not in ("auroc", "auprc")) for k in keys]
     lines.append("| **macro** | " + " | ".join(cells) + " |")
+    if r.operating_points:
+        lines += [
+            "",
+            "COVID operating points (the best each constraint allows over all thresholds; 95% bootstrap intervals):",
+            "",
+        ]
+        lines += ["| at | value |", "|---|---|"]
+        for key, v in r.operating_points.items():
+            what, _, at = key.partition("@")
+            fixed, _, target = at.partition("=")
+            lines.append(f"| {fixed} >= {float(target):.0%} | {what} {fmt_interval(v['value'], v['ci95'])} % |")
     lines += [
         "",
         "Sensitivity, specificity, PPV, NPV, F1 in %; AUROC / AUPRC one-vs-rest.",
@@ -149,12 +173,14 @@ def evaluation_markdown(r: EvaluationResult) -> str:
 
 
 def write_predictions_csv(preds, names, path: Path) -> Path:
-    """One row per image: file, true label, one probability per class, predicted label, group, source."""
+    """One row per image: file, true label, one probability per class, predicted label, group, source and
+    ``seen`` (train / val / near-train / near-val when the model trained or validated on it, else empty)."""
+    seen = preds.seen or [""] * len(preds.probs)
     with open(path, "w", newline="", encoding="utf-8") as fh:
         w = csv.writer(fh)
-        w.writerow(["file", "label", *[f"p_{n}" for n in names], "predicted", "group", "source"])
-        for rec, p in zip(preds.index.records, preds.probs):
-            w.writerow([str(rec.path), rec.label, *(f"{v:.6f}" for v in p), names[int(p.argmax())], rec.group, rec.source])
+        w.writerow(["file", "label", *[f"p_{n}" for n in names], "predicted", "group", "source", "seen"])
+        for rec, p, s in zip(preds.index.records, preds.probs, seen):
+            w.writerow([str(rec.path), rec.label, *(f"{v:.6f}" for v in p), names[int(p.argmax())], rec.group, rec.source, s])
     return path
 
 

@@ -114,8 +114,15 @@ class EvaluationResult:
     ece: float
     reliability: dict
     threshold: dict | None = None  # the checkpoint's stored operating threshold, when it has one
+    overlap: dict | None = None  # the evaluated images against the model's training record (covidscan.provenance)
+    operating_points: dict | None = None  # COVID: sensitivity at 90/95% specificity and vice versa, with intervals
     grid: str | None = None
     extra: dict = field(default_factory=dict)
+
+    @property
+    def external(self) -> bool:
+        """True only when the images were checked against the model's training record and none was seen."""
+        return bool(self.overlap and self.overlap.get("external"))
 
     def to_dict(self) -> dict:
         d = asdict(self)

@@ -24,34 +24,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from scipy import ndimage
 
 from covidscan.config import StudyConfig
+from covidscan.data.hounsfield import MIN_LUNG_PIXELS, lung_mask, subsample_factor, window
 from covidscan.data.io import ScanImage
 from covidscan.data.volume import Volume, read_volume
 
 FRAME_MARGIN = 0.12
-MIN_LUNG_PIXELS = 0.01
-
-
-def window(hu: np.ndarray, center: float, width: float) -> np.ndarray:
-    """Hounsfield units -> uint8 grey values through the window (``center``, ``width``)."""
-    lo = center - width / 2.0
-    return np.round(np.clip((np.asarray(hu, np.float32) - lo) / width, 0.0, 1.0) * 255.0).astype(np.uint8)
-
-
-def lung_mask(hu_slice: np.ndarray) -> np.ndarray:
-    """Air inside the body of one axial slice (boolean): lungs and airways."""
-    body = ndimage.binary_fill_holes(hu_slice > -500)
-    lungs = body & (hu_slice < -400)
-    return ndimage.binary_opening(lungs, iterations=2)
-
-
-MASK_SIDE = 256  # lung masks are found on slices subsampled to at most this side (4x fewer pixels for 512 x 512)
+#: a study's label when no slice could be scored (no lung found): never "normal"
+UNDETERMINED = "undetermined"
 
 
 def _subsample(vol: Volume) -> int:
-    return max(1, int(np.ceil(max(vol.hu.shape[1:]) / MASK_SIDE)))
+    return subsample_factor(vol.hu.shape)
 
 
 def small_lung_masks(vol: Volume, which=None) -> dict[int, np.ndarray]:
@@ -148,6 +133,8 @@ class StudyResult:
 
     def line(self) -> str:
         warn = f"  [{'; '.join(self.warnings)}]" if self.warnings else ""
+        if self.label == UNDETERMINED:
+            return f"{self.study}: {UNDETERMINED}  (no lung slice scored of {len(self.slices)}; {self.summary}){warn}"
         return (
             f"{self.study}: {self.label}  p({self.positive_class})={self.probability:.3f}  "
             f"({self.rule} of {len(self.scored)} lung slices of {len(self.slices)}; {self.summary}){warn}"
@@ -215,7 +202,7 @@ def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: in
     p = aggregate(probs[idx], cfg.rule, cfg.top) if idx.size else float("nan")
     t = (predictor.meta.threshold or {}).get("value", 0.5) if (predictor.meta.threshold or {}).get("class") == positive else 0.5
     other = [c for c in predictor.class_names if c != positive][0]
-    label = positive if p >= t else other
+    label = UNDETERMINED if idx.size == 0 else positive if p >= t else other
     rows = [
         {"index": i, "name": vol.names[i], "position_mm": float(vol.positions[i]), "lung_area": float(areas[i]),
          "scored": bool(keep[i]), "probability": None if np.isnan(probs[i]) else float(probs[i])}
@@ -362,8 +349,9 @@ def evaluate_studies(predictor, data, out=None, *, cfg: StudyConfig | None = Non
             **res.to_dict(), "series": r["series"], "truth": truth, "correct": res.label == truth,
             "scored_probabilities": [s["probability"] for s in res.scored],  # lets callers try other rules
         })  # fmt: skip
-    y = [s["truth"] == "covid" for s in studies]
-    p = [s["probability"] for s in studies]
+    decided = [s for s in studies if s["label"] != UNDETERMINED]  # no lung slice: no probability to rank
+    y = [s["truth"] == "covid" for s in decided]
+    p = [s["probability"] for s in decided]
     summary = {
         "studies": studies,
         "window": [cfg.window_center, cfg.window_width],
@@ -433,7 +421,7 @@ def export_slices(data, out, *, cfg: StudyConfig | None = None, source: str = ""
 
 def studies_markdown(s: dict) -> str:
     def f(v):
-        return "n/a" if v is None else f"{v:.3f}"
+        return "n/a" if v is None or v != v else f"{v:.3f}"
 
     lines = [
         "# CT studies: patient-level results",
@@ -446,7 +434,7 @@ def studies_markdown(s: dict) -> str:
     ]
     for st in s["studies"]:
         lines.append(
-            f"| {st['series']} | {st['truth']} | {st['probability']:.3f} | {st['label']} | {st['n_scored']} | {st['n_slices']} |"
+            f"| {st['series']} | {st['truth']} | {f(st['probability'])} | {st['label']} | {st['n_scored']} | {st['n_slices']} |"
         )
     n = s["n_slices"]
     lines += [

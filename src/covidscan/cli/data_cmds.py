@@ -60,7 +60,7 @@ def cmd_pack(args) -> int:
 
     sets = [*args.set, *([f"data.image_size={args.size}"] if args.size else [])]
     cfg = load_config(args.config, sets)
-    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data)
+    pre = Preprocess.from_config(get_backbone(cfg.model.backbone), cfg.data, cfg.study)
     result = pack(
         args.data, args.out, pre, task=args.task or (cfg.data.task if args.config else None), shard_images=args.shard_images, workers=args.workers,
         progress=not args.quiet, overwrite=args.overwrite,

@@ -78,7 +78,8 @@ def _print_table(results: list[dict], names: list[str]) -> None:
     for r in results:
         probs = " ".join(f"{r['probabilities'][n]:>10.4f}" for n in names)
         decision = f"  {_decision_text(r):<33}" if thresholded else ""
-        print(f"{r['source']:<{width}}  {r['label']:<10} {probs}{decision}  {'; '.join(r['warnings'])}")
+        label = "(outside)" if r.get("out_of_distribution") else r["label"]  # no class for a scan the model does not know
+        print(f"{r['source']:<{width}}  {label:<10} {probs}{decision}  {'; '.join(r['warnings'])}")
 
 
 def cmd_predict(args) -> int:
@@ -119,10 +120,11 @@ def cmd_predict(args) -> int:
         print(dumps(results, indent=2))
     elif args.csv:
         w = csv.writer(sys.stdout)
-        w.writerow(["file", "label", *names, "decision", "warnings"])
+        w.writerow(["file", "label", *names, "decision", "warnings", "out_of_distribution"])
         for r in results:
             probs = (f"{r['probabilities'][n]:.6f}" for n in names)
-            w.writerow([r["source"], r["label"], *probs, _decision_text(r), "; ".join(r["warnings"])])
+            ood = str(bool(r.get("out_of_distribution"))).lower()
+            w.writerow([r["source"], r["label"], *probs, _decision_text(r), "; ".join(r["warnings"]), ood])
     else:
         _print_table(results, names)
     if failed:
@@ -263,13 +265,20 @@ def cmd_summary(args) -> int:
 
 def cmd_calibrate(args) -> int:
     from covidscan.adapt import calibrate
+    from covidscan.results import fmt_interval
 
-    meta = calibrate(args.checkpoint, args.data, args.out, sensitivity=args.sensitivity, device=args.device)
+    meta = calibrate(
+        args.checkpoint, args.data, args.out, sensitivity=args.sensitivity, device=args.device,
+        allow_training_images=args.allow_training_images, n_boot=args.bootstrap,
+    )  # fmt: skip
     t = meta.threshold
-    print(
-        f"threshold for {t['class']}: {t['value']:.4f} -> sensitivity {t['sensitivity']:.1%} ({t['positives']} positives), "
-        f"specificity {t['specificity']:.1%} ({t['negatives']} negatives) on {t['data']}"
-    )
+    lo, hi = t["value_ci95"]
+    print(f"threshold for {t['class']}: {t['value']:.4f} (95% interval over resampled patients {lo:.4f} to {hi:.4f})")
+    print(f"  sensitivity {fmt_interval(t['sensitivity'], t['sensitivity_ci95'])} % of {t['positives']} positives")
+    print(f"  specificity {fmt_interval(t['specificity'], t['specificity_ci95'])} % of {t['negatives']} negatives")
+    print(f"  on {t['data']}; {t['overlap']['summary']}")
+    for w in t["warnings"]:
+        print(f"  warning: {w}")
     print(f"wrote {args.out}")
     return 0
 
@@ -315,7 +324,11 @@ def _backend_arg(p) -> None:
 def register(sub) -> None:
     p = sub.add_parser("evaluate", help="metrics with 95 percent CIs, calibration, ROC, report.md (internal or external data)")
     common.add_checkpoint(p)
-    common.add_data(p, positional=False, required=False, help_extra=": evaluated in full (external validation)")
+    common.add_data(
+        p, positional=False, required=False,
+        help_extra=": evaluated in full; the report says how many of them the model trained or validated on "
+        "(external only when none)",
+    )  # fmt: skip
     _subset_args(p)
     common.add_out(p, "folder for report.md, metrics.json, predictions.csv and figures")
     p.add_argument("--grid", type=int, default=0, help="also draw N test scans with file names and predictions, mistakes first")
@@ -393,7 +406,13 @@ def register(sub) -> None:
     common.add_checkpoint(p)
     common.add_data(p, positional=False, help_extra=" with labels, from the site the model will be used at")
     p.add_argument("--sensitivity", type=float, default=0.95, help="target COVID sensitivity (default 0.95)")
+    p.add_argument(
+        "--allow-training-images", action="store_true",
+        help="calibrate even when some scans are (near-duplicates of) images the model trained or validated on; "
+        "the stored threshold records it",
+    )  # fmt: skip
     common.add_out(p, "checkpoint to write: the same model with the threshold stored")
+    common.add_bootstrap(p, 1000)
     common.add_device(p)
     p.set_defaults(func=cmd_calibrate)
 

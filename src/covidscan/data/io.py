@@ -71,12 +71,15 @@ class ScanImage:
     format: container format, ``"PNG"``, ``"JPEG"``, ``"DICOM"`` ...
     mode: the source's pixel mode (Pillow mode such as ``"L"``, ``"I;16"``, ``"RGB"``, or
         the DICOM photometric interpretation such as ``"MONOCHROME1"``).
+    hu: for a CT DICOM (``Modality`` CT), the Hounsfield units before any window; a CT model maps
+        them with its own lung window (``Preprocess.hu_window``), as it does a study's slices.
     """
 
     pixels: np.ndarray
     format: str
     mode: str
     path: Path
+    hu: np.ndarray | None = None  # a CT DICOM's Hounsfield units (modality LUT applied), ``H x W`` float32
 
     @property
     def width(self) -> int:
@@ -234,12 +237,13 @@ def _read_dicom(src, name: str | None = None) -> ScanImage:
         logger.info("%s: %d frames, using the middle one", label, frames)
         arr = arr[frames // 2]
     arr = apply_modality_lut(arr, ds)  # rescale slope / intercept -> e.g. Hounsfield units
+    hu = np.asarray(arr, dtype=np.float32) if str(getattr(ds, "Modality", "")).upper() == "CT" else None
     if "VOILUTSequence" in ds or ("WindowCenter" in ds and "WindowWidth" in ds):
         arr = apply_voi_lut(arr, ds)
     pixels = _minmax(np.asarray(arr, dtype=np.float32))
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
-    return ScanImage(pixels=pixels, format="DICOM", mode=photometric, path=Path(str(label)))
+    return ScanImage(pixels=pixels, format="DICOM", mode=photometric, path=Path(str(label)), hu=hu)
 
 
 def is_image_file(path: Path) -> bool:

@@ -16,6 +16,7 @@ uses exactly what train used.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -23,6 +24,7 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from covidscan.data.hounsfield import window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import crop_to_lungs
 from covidscan.lungseg import VERSION as SEGMENTER_VERSION
@@ -43,6 +45,8 @@ class Preprocess:
     lung_crop: crop to the box around the lung fields found by thresholding (covidscan.data.lungs).
     lungs: the learned lung mask (covidscan.lungseg): ``none``, ``crop`` (to the lung box), ``mask``
         (outside the lungs set to the median grey) or ``both``.
+    hu_window: CT models: ``(center, width)`` of the lung window that maps a scan's Hounsfield units
+        (a CT DICOM slice) to grey, the same window a study's slices get; None for X-ray models.
     version: :data:`PREPROCESS_VERSION` of the code that made it (keys the on-disk cache).
     """
 
@@ -54,25 +58,29 @@ class Preprocess:
     crop: float = 0.0
     lung_crop: bool = False
     lungs: str = "none"
+    hu_window: tuple[float, float] | None = None
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
             raise ValueError(f"image_size={self.image_size!r}: must be an integer from 8 to 4096 pixels")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise ValueError(f"mean={self.mean}, std={self.std}: need three values each, std > 0")
+        values = (*self.mean, *self.std)
+        if len(self.mean) != 3 or len(self.std) != 3 or not all(math.isfinite(v) for v in values) or min(self.std) <= 0:
+            raise ValueError(f"mean={self.mean}, std={self.std}: need three finite values each, std > 0")
         if not 0 <= self.crop < 0.5:
             raise ValueError(f"crop={self.crop}: must be in [0, 0.5)")
         if self.lungs not in LUNG_OPTIONS:
             raise ValueError(f"lungs={self.lungs!r}: choose one of {', '.join(LUNG_OPTIONS)}")
+        if self.hu_window is not None and (
+            len(self.hu_window) != 2 or not all(math.isfinite(v) for v in self.hu_window) or self.hu_window[1] <= 0
+        ):
+            raise ValueError(f"hu_window={self.hu_window}: need a finite centre and a positive width")
 
     def cache_key(self) -> str:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
         key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
         key += "_lung" if self.lung_crop else ""
+        key += f"_hu{self.hu_window[0]:g}w{self.hu_window[1]:g}" if self.hu_window else ""
         return key + (f"_seg{self.lungs}{SEGMENTER_VERSION}" if self.lungs != "none" else "")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
@@ -86,12 +94,22 @@ class Preprocess:
             crop=float(d.get("crop", 0.0)),
             lung_crop=bool(d.get("lung_crop", False)),
             lungs=str(d.get("lungs", "none")),
+            hu_window=tuple(float(v) for v in d["hu_window"]) if d.get("hu_window") is not None else None,
         )
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        if d["hu_window"] is None:
+            del d["hu_window"]  # X-ray checkpoints keep the layout they always had
+        else:
+            d["hu_window"] = list(d["hu_window"])
+        return d
 
     @classmethod
     def for_backbone(
-        cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False, lungs: str = "none"
-    ) -> Preprocess:
+        cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False, lungs: str = "none",
+        hu_window: tuple[float, float] | None = None,
+    ) -> Preprocess:  # fmt: skip
         return cls(
             image_size=image_size or spec.input_size,
             mean=spec.mean,
@@ -100,11 +118,19 @@ class Preprocess:
             crop=crop,
             lung_crop=lung_crop,
             lungs=lungs,
+            hu_window=hu_window,
         )
 
     @classmethod
-    def from_config(cls, spec, data_cfg) -> Preprocess:
-        """The preprocessing a :class:`covidscan.config.DataConfig` asks for on backbone ``spec``."""
+    def from_config(cls, spec, data_cfg, study_cfg=None) -> Preprocess:
+        """The preprocessing a :class:`covidscan.config.DataConfig` asks for on backbone ``spec``; a CT task
+        takes its lung window from ``study_cfg`` (a :class:`covidscan.config.StudyConfig`, defaults if None)."""
+        hu = None
+        if data_cfg.task == "ct":
+            from covidscan.config import StudyConfig
+
+            st = study_cfg or StudyConfig()
+            hu = (float(st.window_center), float(st.window_width))
         return cls.for_backbone(
             spec,
             data_cfg.image_size,
@@ -112,6 +138,7 @@ class Preprocess:
             crop=data_cfg.crop,
             lung_crop=data_cfg.lung_crop,
             lungs=data_cfg.lungs,
+            hu_window=hu,
         )
 
 
@@ -123,13 +150,18 @@ def gray(pixels: np.ndarray) -> np.ndarray:
 
 
 def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.Tensor:
-    """Decoded scan -> ``1 x S x S`` uint8 tensor: gray, border crop, lung crop, resize (antialiased), equalisation.
+    """Decoded scan -> ``1 x S x S`` uint8 tensor: (CT slices in Hounsfield units: the lung window
+    ``pre.hu_window``), gray, border crop, lung crop, resize (antialiased), equalisation. Every entry point
+    (training, evaluation, predict, the service, CT studies) makes the model's input with this function.
 
     ``pre`` is a :class:`Preprocess` or just the side ``S`` (no crop, no equalisation).
     Deterministic: the same scan always gives the same tensor.
     """
     size = pre if isinstance(pre, int) else pre.image_size
     pixels = scan.pixels if isinstance(scan, ScanImage) else scan
+    hu = scan.hu if isinstance(scan, ScanImage) else None
+    if hu is not None and not isinstance(pre, int) and pre.hu_window is not None:
+        pixels = window(hu, *pre.hu_window).astype(np.float32) / 255.0  # a CT slice in HU: the model's lung window
     g = gray(pixels)
     crop = 0.0 if isinstance(pre, int) else pre.crop
     if crop > 0:

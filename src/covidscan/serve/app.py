@@ -215,7 +215,9 @@ def create_app(
         file: UploadFile = File(...),
         heatmap: bool = Query(False),
         target: str | None = Query(None, description="class for the heat map (default: predicted)"),
-        force_heatmap: bool = Query(False, description="draw the heat map even for a class of probability < 0.1"),
+        force_heatmap: bool = Query(
+            False, description="draw the heat map even for a class of probability < 0.1 or a scan outside what the model knows"
+        ),
         preview: bool = Query(False, description="add the decoded scan as a gray PNG (base64; DICOM previews)"),
     ) -> dict:
         if pending["n"] >= max_pending:
@@ -243,6 +245,8 @@ def create_app(
         if heatmap:
             cls = target or result["label"]
             warning = low_probability_warning(cls, result["probabilities"][cls])
+            if result["out_of_distribution"]:  # a map of a scan the model does not know explains nothing
+                warning = "outside what this model knows: the heat map explains no finding"
             if warning and not force_heatmap:  # no map by default: it would show noise at full brightness
                 result["heatmap"] = {"class": cls, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
             else:
