@@ -19,29 +19,7 @@ from pathlib import Path
 
 import torch
 
-SCALE = ".__int8_scale"
-
-
-def quantize(state: dict) -> dict:
-    out = {}
-    for k, v in state.items():
-        if v.is_floating_point() and v.ndim >= 2:
-            w = v.float()
-            scale = w.abs().amax(dim=tuple(range(1, w.ndim)), keepdim=True).clamp_min(1e-12) / 127
-            out[k] = torch.round(w / scale).to(torch.int8)
-            out[k + SCALE] = scale
-        else:
-            out[k] = v
-    return out
-
-
-def dequantize(packed: dict) -> dict:
-    out = {}
-    for k, v in packed.items():
-        if k.endswith(SCALE):
-            continue
-        out[k] = v.float() * packed[k + SCALE] if k + SCALE in packed else (v.float() if v.is_floating_point() else v)
-    return out
+from covidscan.compact import dequantize, quantize  # one int8 scheme for shipped models and transfers
 
 
 def main() -> None:

@@ -9,6 +9,24 @@ from pathlib import Path
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint
 from covidscan.results import EvaluationResult, fmt_interval
 
+#: limits that hold for one task's models only
+TASK_LIMITS = {
+    "xray": [
+        "- Portable AP films (bedside, supine) look like the COVID collections' films: expect false alarms on AP "
+        "non-COVID films unless the threshold is set on your own scans (`covidscan calibrate`).",
+    ],
+    "ct": [
+        "- CT: the largest public slice set has no patient ids, so slices of one patient can sit in train and test; "
+        "transfer to other hospitals is unproven (see the leave-source-out figures).",
+        "- A CT slice model scores slices; a patient's result is an aggregate of its lung slices (`covidscan predict` on a study).",
+    ],
+}
+
+
+def _article(word: str) -> str:
+    """'An' before a vowel sound (an efficientnet_lite0, an inception_v3), else 'A'."""
+    return "An" if word[:1].lower() in "aeio" else "A"
+
 
 def _counts_table(meta: CheckpointMeta) -> list[str]:
     counts = meta.train_counts or {}
@@ -26,7 +44,9 @@ def _metrics_section(m: EvaluationResult) -> list[str]:
     lines = [
         f"Evaluated on {m.evaluated_on} ({m.split_type}, n = {mm['n']}); 95% bootstrap intervals over "
         f"{m.bootstrap['unit']}s. Accuracy {fmt_interval(mm['accuracy'], ci.get('accuracy'))} %, expected "
-        f"calibration error {m.ece:.3f}.",
+        f"calibration error {m.ece:.3f}. Seen in training: "
+        + (m.overlap["summary"] if m.overlap else "not checked (an evaluation made before covidscan 0.3)")
+        + ".",
         "",
         "| class | sensitivity % | specificity % | PPV % | AUROC |",
         "|---|---|---|---|---|",
@@ -46,7 +66,7 @@ def _model_section(meta: CheckpointMeta) -> list[str]:
     pre = meta.preprocess
     versions = ", ".join(f"{k} {v}" for k, v in meta.versions.items())
     text = (
-        f"A `{meta.backbone}` backbone with a `{meta.head}` head, initialised from {meta.weights_source}. "
+        f"{_article(meta.backbone)} `{meta.backbone}` backbone with a `{meta.head}` head, initialised from {meta.weights_source}. "
         f"Input: {pre.image_size} px square, grayscale copied to 3 channels, normalised with mean {list(pre.mean)} and "
         f"std {list(pre.std)}"
         + (", histogram-equalised" if pre.equalize else "")
@@ -106,8 +126,19 @@ def _data_section(meta: CheckpointMeta) -> list[str]:
     return lines
 
 
+def _record_line(record: dict | None) -> str:
+    if record is None:
+        return "The checkpoint holds no record of its training images (made before covidscan 0.3): overlap of new data with them cannot be checked."
+    n_train, n_val = int((record["subset"] == 0).sum()), int((record["subset"] == 1).sum())
+    return (
+        f"The checkpoint records fingerprints of its {n_train} training and {n_val} validation images (pixel hash and "
+        "32 x 32 thumbnail), so `evaluate`, `calibrate`, `adapt` and `probe` say how many of the images they are given it has seen."
+    )
+
+
 def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = None) -> str:
-    meta: CheckpointMeta = load_checkpoint(checkpoint)["meta"]
+    obj = load_checkpoint(checkpoint)
+    meta: CheckpointMeta = obj["meta"]
     names = meta.class_names
     scans = "single frontal chest X-rays" if meta.task == "xray" else "single axial chest CT slices"
     lines = [
@@ -123,6 +154,8 @@ def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = 
         *_model_section(meta),
         "",
         *_data_section(meta),
+        "",
+        _record_line(obj.get("provenance")),
     ]
     lines += ["", "## Metrics"]
     if metrics and Path(metrics).is_file():
@@ -142,7 +175,7 @@ def model_card(checkpoint, *, metrics: Path | None = None, probe: Path | None = 
         "- Public COVID-19 image collections mix hospitals, ages, views and devices; internal test accuracy "
         "overstates accuracy on scans from other hospitals. Validate on your own data (`covidscan evaluate --data`).",
         "- Labels come from the source collections (RT-PCR or publications) and were not re-read by radiologists.",
-        "- CT: the public set has no patient ids, so slices of one patient can sit in train and test.",
+        *TASK_LIMITS.get(meta.task, []),
         "- Probabilities are calibrated only as far as the reported ECE shows, on data like the test set.",
         "",
     ]

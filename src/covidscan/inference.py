@@ -137,6 +137,13 @@ class Predictor:
         dev = str(resolve_device(device)) if backend == "torch" else "cpu"
         return cls(model, meta, dev, tta=tta, backend=backend, provenance=obj.get("provenance"))
 
+    @classmethod
+    def from_pretrained(cls, name: str = "xray", *, device: str = "auto", tta: bool = False, backend: str = "torch") -> Predictor:
+        """A model of the zoo (:mod:`covidscan.zoo`; ``covidscan models`` lists them), e.g. ``"xray"``."""
+        from covidscan.zoo import checkpoint_path
+
+        return cls.from_checkpoint(checkpoint_path(name), device=device, tta=tta, backend=backend)
+
     @property
     def task(self) -> str:
         return self.meta.task

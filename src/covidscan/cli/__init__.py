@@ -37,6 +37,10 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s: %(message)s", stream=sys.stderr
     )
     try:
+        if getattr(args, "model", None):  # --model NAME: the zoo's checkpoint, wherever --checkpoint is taken
+            from covidscan.zoo import checkpoint_path
+
+            args.checkpoint = checkpoint_path(args.model)
         return int(args.func(args) or 0)
     except (CovidscanError, FileNotFoundError, NotADirectoryError, ValueError, ImportError) as exc:
         print(f"covidscan: error: {exc}", file=sys.stderr)

@@ -21,8 +21,13 @@ def add_task(p: argparse.ArgumentParser, default_help: str = "inferred; pneumoni
     p.add_argument("--task", choices=sorted(TASKS), default=None, help=f"class list to use (default: {default_help})")
 
 
-def add_checkpoint(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--checkpoint", type=Path, required=True, help="a covidscan checkpoint (best.pt of a run)")
+def add_checkpoint(p: argparse.ArgumentParser, *, required: bool = True) -> None:
+    """``--checkpoint PATH`` or ``--model NAME`` (a model of the zoo; :func:`covidscan.cli.main` resolves it)."""
+    g = p.add_mutually_exclusive_group(required=required)
+    g.add_argument("--checkpoint", type=Path, help="a covidscan checkpoint (best.pt of a run)")
+    g.add_argument(
+        "--model", metavar="NAME", help="a ready model of the zoo instead of a checkpoint (covidscan models lists them)"
+    )
 
 
 def add_out(p: argparse.ArgumentParser, what: str, *, required: bool = True) -> None:

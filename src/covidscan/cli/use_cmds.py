@@ -200,6 +200,14 @@ def cmd_serve(args) -> int:
             f"--host {args.host} makes the service reachable from other machines: set a token "
             "(--token TOKEN or COVIDSCAN_TOKEN) so that only holders of it can use it"
         )
+    if args.max_pending < 1:
+        raise CLIError(f"--max-pending {args.max_pending}: at least 1 (with fewer every prediction would be refused)")
+    if args.max_study_mb <= 0:
+        raise CLIError(f"--max-study-mb {args.max_study_mb}: must be a positive number of megabytes")
+    if args.checkpoint is None:  # neither --checkpoint nor --model: the recommended X-ray model of the zoo
+        from covidscan.zoo import DEFAULT_MODEL, checkpoint_path
+
+        args.checkpoint = checkpoint_path(DEFAULT_MODEL["xray"])
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
     if args.max_study_mb <= 0:
         raise CLIError(f"--max-study-mb {args.max_study_mb}: must be a positive number of megabytes")
@@ -293,6 +301,18 @@ def cmd_adapt(args) -> int:
     return 0
 
 
+def cmd_models(args) -> int:
+    from covidscan.results import dumps
+    from covidscan.zoo import list_models, models_table
+
+    models = list_models()
+    if args.json:
+        print(dumps([{k: v for k, v in vars(m).items() if k != "folder"} | {"card": str(m.card_path)} for m in models], indent=2))
+    else:
+        print(models_table(models))
+    return 0
+
+
 def cmd_ensemble(args) -> int:
     from covidscan.ensemble import make_ensemble
 
@@ -372,8 +392,10 @@ def register(sub) -> None:
     common.add_device(p)
     p.set_defaults(func=cmd_explain)
 
-    p = sub.add_parser("serve", help="web API and upload page (FastAPI)")
-    common.add_checkpoint(p)
+    p = sub.add_parser(
+        "serve", help="web API and upload page (FastAPI); with neither --checkpoint nor --model: the zoo's xray model"
+    )
+    common.add_checkpoint(p, required=False)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-upload-mb", type=int, default=20, help="largest accepted upload in megabytes (positive)")
@@ -436,9 +458,14 @@ def register(sub) -> None:
     common.add_config(p)
     common.add_set(p)
     p.add_argument("--checkpoint", type=Path, help="summarise a trained checkpoint instead of a recipe")
+    p.add_argument("--model", metavar="NAME", help="summarise a model of the zoo (covidscan models)")
     p.add_argument("--depth", type=int, default=2, help="nesting depth of the layer table")
     p.add_argument("--diagram", type=Path, help="also draw the stages and head to this PNG")
     p.set_defaults(func=cmd_summary)
+
+    p = sub.add_parser("models", help="the zoo: ready trained models (name, task, architectures, size, figures)")
+    p.add_argument("--json", action="store_true", help="strict JSON instead of a table")
+    p.set_defaults(func=cmd_models)
 
     p = sub.add_parser("card", help="model card (markdown) for a checkpoint")
     common.add_checkpoint(p)
