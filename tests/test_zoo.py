@@ -1,0 +1,125 @@
+"""The model zoo: compact weights, the shipped index and cards, and the training pipeline rehearsed on CPU."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from covidscan.cli import main
+from covidscan.compact import dequantize, quantize, sha256
+from tests.conftest import SHARED_DATA, make_folder_dataset
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def zoo_tool():
+    spec = importlib.util.spec_from_file_location("zoo_tool", REPO / "tools" / "zoo.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_int8_weights_move_at_most_half_a_step_and_keep_the_rest():
+    g = torch.Generator().manual_seed(0)
+    state = {"conv.weight": torch.randn(8, 3, 3, 3, generator=g), "bn.running_mean": torch.randn(8, generator=g),
+             "fc.weight": torch.randn(3, 16, generator=g) * 0.01, "bn.num_batches_tracked": torch.tensor(5)}  # fmt: skip
+    q = quantize(state)
+    assert q["conv.weight"].dtype == torch.int8 and q["bn.running_mean"] is state["bn.running_mean"]
+    back = dequantize(q)
+    assert set(back) == set(state)
+    for k in ("conv.weight", "fc.weight"):
+        step = state[k].abs().amax(dim=tuple(range(1, state[k].ndim)), keepdim=True) / 127
+        assert ((back[k] - state[k]).abs() <= step / 2 + 1e-7).all()
+    assert torch.equal(back["bn.num_batches_tracked"], state["bn.num_batches_tracked"])
+
+
+def test_zoo_pipeline_rehearsed_on_cpu(tmp_path, monkeypatch, capsys):
+    """tools/zoo.py train --smoke on synthetic folders named like ../shared's: every step the real zoo goes
+    through (train-ensemble, evaluate, compact, parity, card, zoo.json), then the zoo used by name."""
+    root = tmp_path / "data"
+    for k, name in enumerate(("xray", "xray-extra", "xray-lungs")):
+        make_folder_dataset(root / name, per_class=6, size=48, seed=k)
+    out = tmp_path / "zoo"
+    subprocess.run([sys.executable, str(REPO / "tools" / "zoo.py"), "train", "--smoke", "--data-root", str(root),
+                    "--out", str(out)], check=True, cwd=tmp_path)  # fmt: skip
+    index = json.loads((out / "zoo.json").read_text())
+    entry = index["models"][0]
+    assert entry["name"] == "xray" and entry["sha256"] == sha256(out / entry["file"])
+    tool = zoo_tool()
+    card = (out / "xray.md").read_text()
+    assert tool.RECIPES["xray"]["command"] in card and entry["data_sha256"] in card
+    assert entry["parity"]["max_probability_difference"] < 0.05
+    assert "Leave-source-out figures" in card and "Known failure modes" in card
+    # the zoo in use: list, predict by name, the Python API; expanded once into the cache
+    monkeypatch.setenv("COVIDSCAN_ZOO", str(out))
+    capsys.readouterr()
+    assert main(["models"]) == 0 and "| xray | xray |" in capsys.readouterr().out
+    img = next((root / "xray" / "covid").glob("*.png"))
+    assert main(["predict", "--model", "xray", str(img), "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)[0]
+    from covidscan.inference import Predictor
+
+    p = Predictor.from_pretrained("xray", device="cpu").predict(img)
+    assert p.probabilities["covid"] == pytest.approx(row["probabilities"]["covid"], abs=1e-6)
+    float_model = Predictor.from_checkpoint(out / "xray" / "ensemble.pt", device="cpu").predict(img)
+    assert (
+        abs(float_model.probabilities["covid"] - p.probabilities["covid"]) <= entry["parity"]["max_probability_difference"] + 0.01
+    )
+    cached = list((Path(__import__("os").environ["COVIDSCAN_CACHE"]) / "models").glob("xray-*.pt"))
+    assert len(cached) == 1
+    # a damaged shipped file is refused by its hash, in one line, before anything is written
+    cached[0].unlink()
+    (out / entry["file"]).write_bytes((out / entry["file"]).read_bytes()[:-10])
+    assert main(["predict", "--model", "xray", str(img)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "SHA-256" in err[0]
+    assert main(["predict", "--model", "nope", str(img)]) == 2 and "no model 'nope'" in capsys.readouterr().err
+
+
+def test_shipped_zoo_matches_its_index_cards_and_recipes():
+    from covidscan.zoo import HERE, list_models
+
+    models = list_models(HERE)
+    assert {m.name for m in models} >= {"xray"}
+    tool = zoo_tool()
+    total = 0
+    for m in models:
+        assert m.path.is_file() and sha256(m.path) == m.sha256 and m.path.stat().st_size == m.size_bytes
+        total += m.size_bytes
+        card = m.card_path.read_text()
+        row = json.loads((HERE / "zoo.json").read_text())["models"][[x.name for x in models].index(m.name)]
+        recipe = tool.RECIPES[m.name]
+        assert recipe["command"] in card and recipe["data_sha256"] in card and row["data_sha256"] == recipe["data_sha256"]
+        assert m.sha256 in card
+        assert row["parity"]["covid_auroc_difference"] <= 0.002
+    assert total <= 40e6  # the zoo adds at most 40 MB to the repository
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "xray").is_dir(), reason="../shared/data not present")
+def test_recipe_data_hash_is_the_shared_data():
+    tool = zoo_tool()
+    for name, r in tool.RECIPES.items():
+        assert tool.data_hash(SHARED_DATA, name) == r["data_sha256"], name
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "xray").is_dir(), reason="../shared/data not present")
+def test_shipped_xray_model_predicts_a_shared_film_and_knows_its_training_images(tmp_path):
+    from covidscan.evaluation import evaluate
+    from covidscan.inference import Predictor
+
+    p = Predictor.from_pretrained("xray", device="cpu")
+    assert p.meta.members and len(p.meta.members) == 2
+    pred = p.predict(SHARED_DATA / "xray" / "covid" / "ieee8023_00870a9c.jpg")
+    assert np.isclose(sum(pred.probabilities.values()), 1.0) and not pred.out_of_distribution
+    r = evaluate(
+        __import__("covidscan.zoo", fromlist=["checkpoint_path"]).checkpoint_path("xray"), SHARED_DATA / "xray-lungs", n_boot=0
+    )
+    assert r.overlap["checked"] and r.overlap["train"] > 100 and not r.external  # it trained on most of them
