@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from covidscan.config import load_config
-from covidscan.engine import train
+from covidscan.training import train
 
 
 def run(overrides, data, out) -> tuple[float, list[dict]]:

@@ -15,9 +15,9 @@ import numpy as np
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data import read_split
 from covidscan.data.dataset import default_cache_dir, open_store
-from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
+from covidscan.predict import predict_index
 from covidscan.results import fmt_interval
 
 

@@ -21,9 +21,9 @@ import numpy as np
 from covidscan.adapt import threshold_for_sensitivity
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data import read_split
-from covidscan.evaluation import predict_index
+from covidscan.experiments.loso import PREDICTION_FIELDS
 from covidscan.labels import POSITIVE_CLASS
-from covidscan.loso import PREDICTION_FIELDS
+from covidscan.predict import predict_index
 
 
 def read_scores(path: Path) -> dict[str, dict]:

@@ -20,9 +20,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from covidscan.data import load_dataset, read_image  # noqa: E402
+from covidscan.data.lungs import load_segmenter, lung_bbox, segment_lungs  # noqa: E402
 from covidscan.data.transforms import gray  # noqa: E402
-from covidscan.loso import source_key  # noqa: E402
-from covidscan.lungseg import load_segmenter, lung_bbox, segment_lungs  # noqa: E402
+from covidscan.experiments.loso import source_key  # noqa: E402
 
 
 def main() -> None:

@@ -140,7 +140,7 @@ def _epoch(store, n: int, workers: int, augment: bool = False) -> float:
 
 
 def phase_pack(manifest: Path, out: Path) -> dict:
-    from covidscan.data.packed import pack
+    from covidscan.data.pack import pack
 
     r = pack(manifest, out, _pre(), overwrite=True)
     return {"pack_img_s": r.images_per_s, "pack_s": r.seconds, "pack_gib": r.bytes / 2**30, "pack_rss_mib": peak_rss_mib()}
@@ -177,7 +177,7 @@ def phase_stream(packed: Path, workers: int) -> dict:
 
 def phase_train(packed: Path, out: Path, steps: int) -> dict:
     from covidscan.config import load_config
-    from covidscan.engine import train
+    from covidscan.training import train
 
     cfg = load_config(
         None,

@@ -27,9 +27,9 @@ from covidscan.adapt import adapt_batchnorm, threshold_for_sensitivity
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data import grouped_split, read_split
 from covidscan.data.dataset import default_cache_dir, open_store
-from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import compute_metrics
+from covidscan.predict import predict_index
 
 
 def _binary(y_pos, p) -> dict:

@@ -9,7 +9,7 @@ none (``--workers`` to choose); the ratio against the first is the one that coun
 Plain reference, written the obvious way: an ImageFolder-style dataset that opens each file
 with PIL every time, ``transforms.Compose([Grayscale(3), Resize((224, 224)), RandomAffine,
 RandomHorizontalFlip, ToTensor, Normalize])``, ``torchvision.models.<name>`` with the last
-layer replaced, Adam 1e-4, fp32, default memory format. covidscan: ``covidscan.engine.train``
+layer replaced, Adam 1e-4, fp32, default memory format. covidscan: ``covidscan.training.train``
 with the same model, batch size, data and augmentation strengths (decode-once cache, plus
 whatever CPU options are switched on in its config). Both train one epoch on the same
 ``--images`` training images and report images/s and accuracy on the same ``--val`` images.
@@ -32,7 +32,7 @@ from torch import nn
 from torchvision import transforms as T
 
 from covidscan.config import load_config
-from covidscan.engine import train
+from covidscan.training import train
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "xray"
 CLASSES = ("covid", "pneumonia", "normal")

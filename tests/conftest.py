@@ -136,7 +136,7 @@ def trained_run(tmp_path_factory):
     """One tiny checkpoint trained on synthetic X-rays, shared by the inference tests."""
     import torch
 
-    from covidscan.engine import train
+    from covidscan.training import train
 
     root = tmp_path_factory.mktemp("data")
     data = make_folder_dataset(root / "xray", per_class=10, size=48)

@@ -77,7 +77,7 @@ def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run
     assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data / "normal"), "--out", str(out)]) == 0
     assert load_checkpoint(out)["meta"].adaptation["images"] == 10
     # a packed folder of the same images (made with the model's preprocessing) gives the same statistics
-    from covidscan.data.packed import pack
+    from covidscan.data.pack import pack
 
     on_files, on_pack = tmp_path / "adapted_all.pt", tmp_path / "adapted_from_pack.pt"
     assert main(["adapt", "--checkpoint", str(result.best_checkpoint), str(data), "--out", str(on_files)]) == 0
@@ -101,8 +101,8 @@ def test_calibrate_and_adapt_commands_and_predict_uses_the_threshold(trained_run
 
 
 def test_ensemble_equals_the_mean_of_its_members(tmp_path, capsys):
-    from covidscan.engine import train
     from covidscan.export import export_checkpoint
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=48)
@@ -182,8 +182,8 @@ def test_train_ensemble_command_shares_one_split(tmp_path, capsys):
 
 
 def test_precise_bn_changes_statistics_only_and_is_the_data_average(tmp_path):
-    from covidscan.adapt import batchnorm_statistics
-    from covidscan.engine import train
+    from covidscan.predict import batchnorm_statistics
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)

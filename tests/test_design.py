@@ -42,7 +42,7 @@ def test_using_a_model_imports_no_training_code():
         "covidscan.card, covidscan.serve"
     )
     assert "covidscan.inference" in mods and "torch" in mods
-    assert "covidscan.engine" not in mods and "covidscan.loso" not in mods
+    assert "covidscan.training" not in mods and "covidscan.experiments.loso" not in mods
 
 
 def test_every_command_has_working_help(capsys):
@@ -108,7 +108,7 @@ def test_metrics_json_is_strict_with_undefined_metrics(trained_run, tmp_path):
     back = EvaluationResult.from_dict(m)
     assert back.class_names == r.class_names and back.metrics["n"] == r.metrics["n"]
     rows = (tmp_path / "ev" / "predictions.csv").read_text().splitlines()
-    assert rows[0] == "file,label,p_covid,p_pneumonia,p_normal,predicted,group,source" and len(rows) == 1 + r.metrics["n"]
+    assert rows[0] == "file,label,p_covid,p_pneumonia,p_normal,predicted,group,source,seen" and len(rows) == 1 + r.metrics["n"]
 
 
 def test_checkpoint_from_before_the_redesign_loads_and_predicts_the_same():
@@ -173,7 +173,7 @@ def test_second_train_into_a_run_is_refused_and_overwrite_or_resume_allowed(tmp_
 
 
 def test_class_without_images_is_an_error(tmp_path):
-    from covidscan.engine import train
+    from covidscan.training import train
 
     data = make_folder_dataset(tmp_path / "d", classes=("covid", "normal"), per_class=6, size=32)
     cfg = tiny_config(data={"task": "xray"}, train={"epochs": 1})

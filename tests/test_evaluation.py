@@ -89,7 +89,7 @@ def test_external_set_with_missing_class(trained_run, tmp_path, capsys):
 
 
 def test_reproduce_end_to_end_tiny(tmp_path):
-    from covidscan.reproduce import reproduce
+    from covidscan.experiments.reproduce import reproduce
 
     data = make_folder_dataset(tmp_path / "d", per_class=20, size=40, groups_per_class=10)
     res = reproduce(

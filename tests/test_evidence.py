@@ -209,7 +209,7 @@ def test_device_data_refuses_augmentations_its_batch_path_lacks(option, value):
 def test_the_same_training_command_twice_gives_bit_identical_weights(tmp_path):
     """Same data, config and seed on the same machine (CPU): the same bytes in every weight, with the recommended
     recipe's moving parts on (augmentation incl. the source-cue breakers, balanced sampler, precise BN)."""
-    from covidscan.engine import train
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=48)

@@ -33,8 +33,8 @@ def test_balanced_sampler_matches_target_proportions():
 
 
 def test_strata_field_that_no_training_image_has_is_one_clear_error(tmp_path):
-    from covidscan.engine import train
     from covidscan.errors import DataError
+    from covidscan.training import train
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=32)
     cfg = tiny_config(train={"sampler": "balanced", "strata": "veiw"})
@@ -47,7 +47,7 @@ def test_sampler_strata_split_cells_by_a_manifest_field():
     from types import SimpleNamespace
 
     from covidscan.data.manifest import Record
-    from covidscan.engine import epoch_order
+    from covidscan.training.data import epoch_order
 
     def rec(label, view, column=False):
         row = {"view": view} if column else {"source_label": f"finding=x; view={view}; age=40"}
@@ -94,7 +94,7 @@ def test_bad_crop_rejected():
 
 
 def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
-    from covidscan.loso import leave_one_source_out
+    from covidscan.experiments.loso import leave_one_source_out
 
     a = make_folder_dataset(tmp_path / "hospA", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=1)
     b = make_folder_dataset(tmp_path / "hospB", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=2)
@@ -119,7 +119,7 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
         assert len(preds) == f["n"] == 16
 
     # resume keeps finished folds: no training, same table
-    import covidscan.loso as loso_mod
+    import covidscan.experiments.loso as loso_mod
 
     def no_training(*a, **k):
         raise AssertionError("a finished fold was trained again")
@@ -145,9 +145,9 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
 def test_data_exclude_drops_a_source_before_splitting_in_train_and_loso(tmp_path):
     """data.exclude=kermany: no Kermany image in train, val or test, in train's split and in every loso fold."""
     from covidscan.data import exclude_sources
-    from covidscan.engine import train
     from covidscan.errors import DataError
-    from covidscan.loso import leave_one_source_out
+    from covidscan.experiments.loso import leave_one_source_out
+    from covidscan.training import train
 
     kw = dict(classes=("covid", "normal"), per_class=8, size=40, manifest=False)
     a = make_folder_dataset(tmp_path / "hospA", seed=1, **kw)
@@ -175,7 +175,7 @@ def test_data_exclude_drops_a_source_before_splitting_in_train_and_loso(tmp_path
 
 
 def test_balanced_training_runs(tmp_path):
-    from covidscan.engine import train
+    from covidscan.training import train
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=40)
     res = train(
@@ -217,7 +217,7 @@ def test_batch_augment_identity_flip_and_per_image_draws():
 
 
 def test_device_data_path_trains(tmp_path):
-    from covidscan.engine import train
+    from covidscan.training import train
 
     data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
     cfg = tiny_config(train={"epochs": 2, "device_data": True}, augment={"enabled": True})

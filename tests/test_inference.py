@@ -277,7 +277,7 @@ def test_heat_map_of_a_large_scan_is_bounded(predictor, client):
 def test_body_limit_is_enforced_while_reading(predictor):
     import asyncio
 
-    from covidscan.serve.app import BodyLimit
+    from covidscan.serve.middleware import BodyLimit
 
     received = []
 
@@ -315,7 +315,7 @@ def test_stalled_upload_gets_408_and_frees_the_app():
     import asyncio
     import time
 
-    from covidscan.serve.app import StallGuard
+    from covidscan.serve.middleware import StallGuard
 
     seen = {"chunks": 0, "disconnect": False}
 

@@ -5,18 +5,10 @@ import pytest
 import torch
 from scipy import ndimage
 
+from covidscan.data.lungs import LungUNet, apply_lungs, load_segmenter, lung_bbox, segment_lungs
 from covidscan.data.transforms import Preprocess, to_gray_uint8
-from covidscan.lungseg import (
-    LungUNet,
-    apply_lungs,
-    dice,
-    evaluate_segmenter,
-    load_segmenter,
-    lung_bbox,
-    segment_lungs,
-    train_segmenter,
-)
 from covidscan.models import get_backbone
+from covidscan.training.lungseg import dice, evaluate_segmenter, train_segmenter
 from tests.conftest import chest_like, make_folder_dataset, tiny_config
 
 
@@ -93,8 +85,8 @@ def test_lung_options_change_the_input_as_specified():
 
 def test_lung_option_travels_in_the_checkpoint(tmp_path):
     from covidscan.checkpoint import load_checkpoint
-    from covidscan.engine import train
     from covidscan.inference import Predictor
+    from covidscan.training import train
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=64)
     res = train(tiny_config(data={"lungs": "both"}, train={"epochs": 1}), data, tmp_path / "run")

@@ -12,10 +12,12 @@ import torch
 from covidscan.checkpoint import load_checkpoint
 from covidscan.data import grouped_split, load_dataset, read_split
 from covidscan.data.dataset import ImageStore, ScanDataset, open_store, scan_loader
-from covidscan.data.packed import PackedImages, pack
+from covidscan.data.pack import pack
+from covidscan.data.packed import PackedImages
 from covidscan.data.transforms import Preprocess
-from covidscan.engine import rank_share, train
 from covidscan.errors import DataError
+from covidscan.training import train
+from covidscan.training.data import rank_share
 from tests.conftest import make_folder_dataset, tiny_config
 
 PRE = Preprocess(image_size=32, mean=(0.5,) * 3, std=(0.25,) * 3)

@@ -30,7 +30,7 @@ def test_probe_detects_a_border_shortcut(tmp_path):
             a = np.asarray(Image.open(p)).copy()
             a[:4, :] = a[-4:, :] = 60 + 80 * ci
             Image.fromarray(a).save(p)
-    from covidscan.engine import train
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     torch.manual_seed(0)

@@ -9,7 +9,7 @@ import torch
 
 from covidscan.checkpoint import CheckpointError, load_checkpoint, model_from_checkpoint, save_checkpoint
 from covidscan.config import load_config
-from covidscan.engine import train
+from covidscan.training import train
 from tests.conftest import SHARED_DATA, make_folder_dataset, tiny_config
 
 REPO = Path(__file__).resolve().parents[1]
@@ -56,7 +56,7 @@ def test_resume_equals_uninterrupted(tmp_path):
 
 
 def test_weight_average_is_the_mean_of_the_steps_and_resumes(tmp_path, monkeypatch):
-    from covidscan.engine import CheckpointKeeper
+    from covidscan.training.keeper import CheckpointKeeper
 
     data = make_folder_dataset(tmp_path / "d", per_class=8, size=40)
     cfg = tiny_config(train={"epochs": 3, "lr": 1e-3, "swa_start": 2, "checkpoint_every": 1})
@@ -180,7 +180,7 @@ def test_config_overrides_and_errors(tmp_path):
 def test_mixup_blends_inputs_and_losses_with_one_weight_per_batch():
     import torch.nn.functional as F
 
-    from covidscan.engine import train_one_epoch
+    from covidscan.training.steps import train_one_epoch
 
     class Recorder(torch.nn.Linear):
         def forward(self, x):
@@ -220,7 +220,7 @@ def test_mixup_blends_inputs_and_losses_with_one_weight_per_batch():
 @pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "configs").glob("*.yaml")))
 def test_recipes_load(recipe):
     cfg = load_config(REPO / "configs" / recipe)
-    from covidscan.paper import PAPER_MODELS
+    from covidscan.experiments.paper import PAPER_MODELS
 
     task, _, model = recipe.removesuffix(".yaml").partition("_")
     if task in ("xray", "ct") and model in PAPER_MODELS:
@@ -418,7 +418,7 @@ def test_tensorboard_event_files_hold_the_history(tmp_path, xray_dir):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    from covidscan.engine import train
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     res = train(tiny_config(train={"epochs": 2, "log": "tensorboard"}), xray_dir, tmp_path / "run")
@@ -433,8 +433,8 @@ def test_tensorboard_event_files_hold_the_history(tmp_path, xray_dir):
 def test_tensorboard_missing_is_one_error_before_anything_is_written(tmp_path, xray_dir, monkeypatch):
     import sys
 
-    from covidscan.engine import train
     from covidscan.errors import ConfigError
+    from covidscan.training import train
     from tests.conftest import tiny_config
 
     monkeypatch.setitem(sys.modules, "tensorboard", None)
@@ -488,7 +488,7 @@ def test_processes_and_workers_share_an_epoch_without_overlap_or_loss():
     batch k of all processes together is batch k of one process with 3x the batch size."""
     from torch.utils.data import DataLoader, Dataset
 
-    from covidscan.engine import rank_share
+    from covidscan.training.data import rank_share
 
     class Positions(Dataset):
         def __len__(self):

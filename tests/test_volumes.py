@@ -23,7 +23,7 @@ def tiny_ct_checkpoint(tmp_path_factory):
     """A tiny CT slice model (1 epoch on synthetic slices): enough to run the study path end to end."""
     import torch
 
-    from covidscan.engine import train
+    from covidscan.training import train
     from tests.conftest import make_folder_dataset, tiny_config
 
     root = tmp_path_factory.mktemp("ctdata")

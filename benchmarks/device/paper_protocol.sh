@@ -36,7 +36,7 @@ rm -rf "$work"; mkdir -p "$work/logs" "$out"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null || echo "no GPU (rehearsal)"; \
   python3 -c "import torch, torchvision; print('torch', torch.__version__, 'torchvision', torchvision.__version__, 'cuda', torch.cuda.is_available(), 'cpus', __import__('os').cpu_count())"; } | tee "$out/machine.txt"
 # fail fast: everything the runs import, before any GPU minute is spent on them
-python3 -c "import covidscan.engine, covidscan.reproduce, covidscan.evaluation, covidscan.reports; print('covidscan imports: ok')" | tee -a "$out/machine.txt"
+python3 -c "import covidscan.training, covidscan.experiments.reproduce, covidscan.evaluation, covidscan.reports; print('covidscan imports: ok')" | tee -a "$out/machine.txt"
 W=$work/inception_v3_imagenet.pth
 python3 tools/pack_weights.py unpack "$packed" "$W" | tee -a "$out/machine.txt"
 start=$(date +%s)
@@ -74,7 +74,7 @@ kill "$mon" 2>/dev/null || true
 python3 - "$work" "$out" <<'PY' | tee -a "$out/machine.txt"
 import csv, json, sys
 from pathlib import Path
-from covidscan.reproduce import table_markdown
+from covidscan.experiments.reproduce import table_markdown
 from covidscan.results import write_json
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 models = ["densenet", "inception_v3", "new_densenet"]

@@ -23,7 +23,7 @@ _API = {
     "read_image": "covidscan.data",
     "load_dataset": "covidscan.data",
     "load_config": "covidscan.config",
-    "train": "covidscan.engine",
+    "train": "covidscan.training",
     "evaluate": "covidscan.evaluation",
     "calibrate": "covidscan.adapt",
     "CovidscanError": "covidscan.errors",

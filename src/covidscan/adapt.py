@@ -25,11 +25,10 @@ from covidscan.data import load_dataset
 from covidscan.data.dataset import ImageStore, default_cache_dir, open_store
 from covidscan.data.manifest import Record
 from covidscan.data.packed import is_packed
-from covidscan.data.transforms import model_input
 from covidscan.errors import DataError
-from covidscan.evaluation import predict_index, store_overlap
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import resampling_units, wilson_interval
+from covidscan.predict import batchnorm_statistics, predict_index, store_overlap
 from covidscan.runtime import resolve_device
 
 logger = logging.getLogger(__name__)
@@ -46,40 +45,6 @@ def adapt_batchnorm(model: nn.Module, store: ImageStore, *, batch_size: int = 32
     dev = resolve_device(device)
     model.to(dev)  # a checkpoint's model is built on the CPU; "auto" may mean CUDA
     return batchnorm_statistics(model, images, store.pre, batch_size=batch_size, device=dev)
-
-
-@torch.no_grad()
-def batchnorm_statistics(model: nn.Module, images: torch.Tensor, pre, *, batch_size: int = 32, device=None) -> int:
-    """Re-estimate every BatchNorm layer's running mean / variance on ``images`` (``N x 1 x S x S`` uint8).
-
-    Also what training's ``train.precise_bn`` calls after each epoch ("precise BN", Wu & Johnson
-    2021): with a low BatchNorm momentum (EfficientNet-Lite's 0.01) a short fine-tune otherwise
-    validates with statistics that are still mostly ImageNet's.
-    """
-    dev = device or next(model.parameters()).device
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return 0
-    saved = [(m, m.momentum) for m in bns]
-    model.eval()
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative moving average: every batch counts the same
-        m.train()
-    was_training = model.training
-    n = 0
-    try:
-        for k in range(0, len(images), batch_size):
-            batch = images[k : k + batch_size]
-            if len(batch) < 2:
-                continue  # batch norm cannot take statistics of one image
-            model(model_input(batch, pre, dev))
-            n += len(batch)
-    finally:
-        for m, momentum in saved:
-            m.momentum = momentum
-        model.train(was_training)
-    return n
 
 
 MIN_CALIBRATION = 50  # fewer positives or negatives than this: the operating point is a rough estimate

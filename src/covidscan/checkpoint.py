@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import platform
-import tempfile
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -34,7 +32,9 @@ from covidscan.data.transforms import Preprocess
 from covidscan.errors import CheckpointError
 from covidscan.labels import TASKS
 from covidscan.models import build_model
+from covidscan.models.ensemble import build_ensemble
 from covidscan.provenance import valid_record
+from covidscan.results import atomic_write
 
 FORMAT = "covidscan-checkpoint"
 VERSION = 1
@@ -166,14 +166,7 @@ def save_checkpoint(
         obj["train_state"] = train_state
     if provenance is not None:
         obj["provenance"] = provenance
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda fh: torch.save(obj, fh))
 
 
 def load_checkpoint(path: str | Path, *, task: str | None = None) -> dict:
@@ -210,16 +203,17 @@ def model_from_checkpoint(obj: dict, path: str | Path = "<checkpoint>"):
         CheckpointError: the weights do not fit the stored backbone and head.
     """
     meta: CheckpointMeta = obj["meta"]
-    if meta.members:
-        from covidscan.ensemble import ensemble_from_meta  # ensemble imports this module
-
-        return ensemble_from_meta(meta, obj["state_dict"], path), meta
+    n = len(meta.class_names)
+    what = " + ".join(f"{m['backbone']}+{m['head']}" for m in meta.members) if meta.members else f"{meta.backbone}+{meta.head}"
     try:
-        model, _ = build_model(meta.backbone, meta.head, len(meta.class_names), weights="none", dropout=meta.dropout)
-    except ValueError as exc:  # unknown backbone or head
+        if meta.members:
+            model = build_ensemble(meta.members, n, meta.preprocess.image_size)
+        else:
+            model, _ = build_model(meta.backbone, meta.head, n, weights="none", dropout=meta.dropout)
+    except (ValueError, KeyError) as exc:  # unknown backbone or head, a member record without one
         raise CheckpointError(f"{path}: {exc}") from None
     try:
         model.load_state_dict(obj["state_dict"])
     except (RuntimeError, TypeError, AttributeError) as exc:
-        raise CheckpointError(f"{path}: weights do not fit {meta.backbone}+{meta.head} ({str(exc)[:200]})") from exc
+        raise CheckpointError(f"{path}: weights do not fit {what} ({str(exc)[:200]})") from exc
     return model.eval(), meta

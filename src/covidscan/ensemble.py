@@ -10,17 +10,13 @@ e.g. InceptionV3 at 299 px with EfficientNet-Lite0 at 224 px.
 
 The ensemble's forward returns ``log(mean_k softmax(f_k(x)))``: logits whose softmax is exactly
 the members' mean probability, so everything downstream (softmax, cross-entropy, ONNX export)
-works unchanged. Grad-CAM explains the mean through the first member's feature map.
+works unchanged. Grad-CAM explains the mean through the first member's feature map. The module is
+:class:`covidscan.models.ensemble.Ensemble`; :func:`covidscan.training.ensemble.train_ensemble` trains one.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
-
-import torch
-import torch.nn.functional as F
-from torch import nn
 
 from covidscan.checkpoint import CheckpointMeta, load_checkpoint, save_checkpoint
 from covidscan.errors import CheckpointError
@@ -28,34 +24,6 @@ from covidscan.provenance import merge_records
 
 #: preprocessing fields the members must agree on (image_size may differ: see the module docstring)
 SHARED = ("mean", "std", "equalize", "crop", "lung_crop", "lungs")
-
-
-class Ensemble(nn.Module):
-    """Mean of the members' softmax probabilities, returned as log-probabilities (``N x classes``).
-
-    ``sizes``: each member's input size; a member whose size differs from the input's gets the
-    input resized to it (bilinear). ``None``: every member takes the input as it comes.
-    """
-
-    def __init__(self, members: list[nn.Module], sizes: list[int | None] | None = None):
-        super().__init__()
-        if not members:
-            raise ValueError("an ensemble needs at least one member")
-        if sizes is not None and len(sizes) != len(members):
-            raise ValueError(f"{len(sizes)} sizes for {len(members)} members")
-        self.members = nn.ModuleList(members)
-        self.sizes = list(sizes) if sizes is not None else [None] * len(members)
-        self.spec = replace(members[0].spec, cam_layer="members.0.backbone")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        probs = torch.stack([m(self._fit(x, s)).float().softmax(1) for m, s in zip(self.members, self.sizes)]).mean(0)
-        return probs.clamp_min(1e-12).log()
-
-    @staticmethod
-    def _fit(x: torch.Tensor, size: int | None) -> torch.Tensor:
-        if size is None or tuple(x.shape[-2:]) == (size, size):
-            return x
-        return F.interpolate(x, size=(size, size), mode="bilinear", align_corners=False)
 
 
 def member_record(meta: CheckpointMeta, path: Path) -> dict:
@@ -112,45 +80,3 @@ def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointM
     )
     save_checkpoint(out, state, meta, provenance=merge_records(records))
     return meta
-
-
-def ensemble_from_meta(meta: CheckpointMeta, state_dict: dict, path) -> Ensemble:
-    """Rebuild an :class:`Ensemble` from its checkpoint (called by ``checkpoint.model_from_checkpoint``)."""
-    from covidscan.models import build_model
-
-    members = []
-    for m in meta.members:
-        model, _ = build_model(m["backbone"], m["head"], len(meta.class_names), weights="none", dropout=m.get("dropout"))
-        members.append(model)
-    size = meta.preprocess.image_size  # members recorded before mixed sizes existed share the ensemble's
-    ens = Ensemble(members, [m.get("image_size", size) for m in meta.members])
-    try:
-        ens.load_state_dict(state_dict)
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: ensemble weights do not fit its members ({str(exc)[:200]})") from exc
-    return ens.eval()
-
-
-def train_ensemble(configs: list, data, out, *, overwrite: bool = False, progress: bool = False) -> tuple[Path, list]:
-    """Train one member per config into ``out/member<k>`` on one shared split (the first member's,
-    grouped), then write ``out/ensemble.pt`` and a copy of the split as ``out/split.csv`` (so
-    ``covidscan evaluate --checkpoint out/ensemble.pt`` scores the same held-out test images).
-
-    Returns the ensemble's path and the members' :class:`~covidscan.engine.TrainResult`.
-    """
-    from covidscan.data import read_split, write_split
-    from covidscan.engine import train
-
-    out = Path(out)
-    if (out / "ensemble.pt").exists() and not overwrite:
-        raise CheckpointError(f"{out} already holds an ensemble; use --overwrite to replace it, or another --out")
-    results = []
-    for k, cfg in enumerate(configs):
-        split = out / "member0" / "split.csv" if k else None
-        torch.manual_seed(cfg.train.seed)
-        results.append(
-            train(cfg, None if split else data, out / f"member{k}", split_file=split, overwrite=overwrite, progress=progress)
-        )
-    make_ensemble([r.best_checkpoint for r in results], out / "ensemble.pt")
-    write_split(read_split(out / "member0" / "split.csv"), out / "split.csv")  # file paths made relative to out
-    return out / "ensemble.pt", results

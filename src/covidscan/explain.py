@@ -20,6 +20,7 @@ matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 METHODS = ("gradcam", "gradcam++")
+METHOD_NAMES = {"gradcam": "Grad-CAM", "gradcam++": "Grad-CAM++"}  # for titles and labels
 
 
 def grad_cam(
@@ -105,7 +106,7 @@ def overlay(gray: np.ndarray, cam: np.ndarray, alpha: float = 0.4) -> np.ndarray
     return (np.clip((1 - alpha) * base + alpha * heat, 0, 1) * 255).astype(np.uint8)
 
 
-def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str = "") -> Path:
+def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str = "", method: str = "gradcam") -> Path:
     """The scan and its Grad-CAM overlay side by side, with a colour bar for the map (relative, 0 to 1)."""
     g = gray if gray.ndim == 2 else gray.mean(2)
     aspect = g.shape[0] / g.shape[1]
@@ -114,8 +115,8 @@ def save_overlay(path: str | Path, gray: np.ndarray, cam: np.ndarray, title: str
     axes[0].set_title("scan", fontsize=9)
     axes[1].imshow(overlay(gray, cam))
     mappable = plt.cm.ScalarMappable(norm=matplotlib.colors.Normalize(0, 1), cmap="jet")
-    fig.colorbar(mappable, ax=axes[1], fraction=0.046, pad=0.02, label="Grad-CAM (relative to its maximum)")
-    axes[1].set_title(title or "Grad-CAM", fontsize=9)
+    fig.colorbar(mappable, ax=axes[1], fraction=0.046, pad=0.02, label=f"{METHOD_NAMES[method]} (relative to its maximum)")
+    axes[1].set_title(title or METHOD_NAMES[method], fontsize=9)
     for ax in axes:
         ax.set_axis_off()
     fig.tight_layout()

@@ -21,8 +21,8 @@ import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data.dataset import default_cache_dir, open_store
-from covidscan.evaluation import predict_index, select_data, store_overlap
 from covidscan.metrics import compute_metrics
+from covidscan.predict import predict_index, select_data, store_overlap
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,10 @@ import json
 import math
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO
 
 
 def strict(obj):
@@ -47,13 +49,22 @@ def dumps(obj, **kw) -> str:
 
 def write_json(obj, path: str | Path, *, indent: int = 2) -> Path:
     """Write strict JSON atomically (temporary file, then rename)."""
+    return atomic_write(path, dumps(obj, indent=indent) + "\n")
+
+
+def atomic_write(path: str | Path, data: bytes | str | Callable[[IO[bytes]], object]) -> Path:
+    """Write ``data`` (bytes, text as UTF-8, or a function that writes to a binary file) to a temporary file
+    beside ``path``, then rename it into place: a reader, or a run killed while writing, never sees half a
+    file. The one atomic write of covidscan (JSON, checkpoints, cache entries, segmenter weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    text = dumps(obj, indent=indent)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text + "\n")
+        with os.fdopen(fd, "wb") as fh:
+            if callable(data):
+                data(fh)
+            else:
+                fh.write(data.encode("utf-8") if isinstance(data, str) else data)
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; an output file gets the usual permissions
         os.replace(tmp, path)
     finally:

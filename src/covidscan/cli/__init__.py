@@ -14,8 +14,10 @@ import logging
 import sys
 
 from covidscan import __version__
-from covidscan.cli import data_cmds, train_cmds, use_cmds
+from covidscan.cli import data_cmds, evaluate_cmds, predict_cmds, serve_cmds, train_cmds
 from covidscan.errors import CovidscanError
+
+GROUPS = (data_cmds, train_cmds, predict_cmds, evaluate_cmds, serve_cmds)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"covidscan {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (data_cmds, train_cmds, use_cmds):
+    for group in GROUPS:  # listed in --help in the order of use: data, train, use, evaluate, serve
         group.register(sub)
     return parser
 

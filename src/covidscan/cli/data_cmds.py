@@ -54,7 +54,7 @@ def cmd_split(args) -> int:
 
 def cmd_pack(args) -> int:
     from covidscan.config import load_config
-    from covidscan.data.packed import pack
+    from covidscan.data.pack import pack
     from covidscan.data.transforms import Preprocess
     from covidscan.models import get_backbone
 

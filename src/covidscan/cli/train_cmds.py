@@ -7,15 +7,15 @@ from pathlib import Path
 
 from covidscan.cli import common
 from covidscan.errors import CLIError
+from covidscan.experiments.paper import PAPER_MODELS, PROTOCOLS
 from covidscan.labels import TASKS
-from covidscan.paper import PAPER_MODELS, PROTOCOLS
 
 
 def cmd_train(args) -> int:
     import torch
 
     from covidscan.config import load_config
-    from covidscan.engine import train
+    from covidscan.training import train
 
     if args.tensorboard:
         args.set = [*args.set, "train.log=tensorboard"]
@@ -45,7 +45,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_augment_preview(args) -> int:
-    from covidscan.reports import augment_preview
+    from covidscan.training.preview import augment_preview
 
     path = augment_preview(args.data, args.out, config=args.config, overrides=args.set, n=args.n, seed=args.seed, task=args.task)
     print(f"wrote {path}")
@@ -54,7 +54,7 @@ def cmd_augment_preview(args) -> int:
 
 def cmd_loso(args) -> int:
     from covidscan.config import load_config
-    from covidscan.loso import leave_one_source_out
+    from covidscan.experiments.loso import leave_one_source_out
 
     cfg = load_config(args.config, args.set)
     leave_one_source_out(
@@ -65,7 +65,7 @@ def cmd_loso(args) -> int:
 
 
 def cmd_reproduce(args) -> int:
-    from covidscan.reproduce import reproduce
+    from covidscan.experiments.reproduce import reproduce
 
     reproduce(
         args.task,
@@ -88,7 +88,7 @@ def cmd_train_ensemble(args) -> int:
     import time
 
     from covidscan.config import load_config
-    from covidscan.ensemble import train_ensemble
+    from covidscan.training import train_ensemble
 
     t0 = time.perf_counter()
     seeds = args.seeds or [None]
@@ -106,7 +106,7 @@ def cmd_train_ensemble(args) -> int:
 
 
 def cmd_lungs(args) -> int:
-    from covidscan.lungseg import train_lungs
+    from covidscan.training.lungseg import train_lungs
 
     info = train_lungs(args.data, args.out, epochs=args.epochs, seed=args.seed, progress=not args.quiet)
     print(

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -28,6 +27,7 @@ from tqdm.auto import tqdm
 from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.data.manifest import Record
 from covidscan.data.transforms import PREPROCESS_VERSION, Preprocess, to_gray_uint8
+from covidscan.results import atomic_write
 
 logger = logging.getLogger(__name__)
 
@@ -128,15 +128,10 @@ def open_store(records: list[Record], pre: Preprocess, *, packed=None, **kw):
 
 
 def _atomic_save(path: Path, arr: np.ndarray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
     try:
-        with os.fdopen(fd, "wb") as fh:
-            np.save(fh, arr, allow_pickle=False)
-        os.replace(tmp, path)
-    except OSError as exc:
+        atomic_write(path, lambda fh: np.save(fh, arr, allow_pickle=False))
+    except OSError as exc:  # a read-only or full cache must not stop the run
         logger.warning("could not write cache entry %s: %s", path, exc)
-        Path(tmp).unlink(missing_ok=True)
 
 
 class ScanDataset(Dataset):

@@ -249,3 +249,14 @@ def _read_dicom(src, name: str | None = None) -> ScanImage:
 def is_image_file(path: Path) -> bool:
     """True when ``path`` has a suffix covidscan scans for when listing a class folder."""
     return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def expand_paths(paths: list[Path]) -> list[Path]:
+    """Files as given; folders expanded to the image files under them (sorted; hidden files left out)."""
+    out = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and not f.name.startswith(".") and is_image_file(f))
+        else:
+            out.append(p)
+    return out

@@ -1,4 +1,12 @@
-"""Lung-field box by plain image processing (no segmenter: we have no lung masks to train one).
+"""Where the lungs are on a chest film: a box by plain image processing, and the learned segmenter.
+
+**Learned lung segmentation** (:func:`segment_lungs`, :func:`apply_lungs`; the ``data.lungs`` option): a small
+U-Net (Ronneberger et al. 2015) with shipped weights (``covidscan/weights/lungseg_unet128.pt``), trained on the
+262 OpenIST films of ``../shared/data/xray-lungs`` by :mod:`covidscan.training.lungseg`. It takes any gray image
+in [0, 1] and returns a boolean lung mask of the same size (the two largest connected regions, holes filled);
+:func:`lung_bbox` turns it into the box of ``lungs=crop``.
+
+**Lung-field box by plain image processing** (:func:`crop_to_lungs`; the ``data.lung_crop`` option):
 
 A chest film shows the lungs as the two large dark regions inside the brighter body
 (mediastinum, ribs, diaphragm, soft tissue). :func:`lung_box` finds them on a small copy:
@@ -18,8 +26,17 @@ remove borders, text and markers, never the chest. Deterministic: no randomness.
 
 from __future__ import annotations
 
+from functools import lru_cache
+from importlib.resources import files
+from pathlib import Path
+
 import numpy as np
+import torch
+import torch.nn.functional as F
 from scipy import ndimage
+from torch import nn
+
+from covidscan.errors import CheckpointError
 
 WORK = 128  # side of the working copy
 
@@ -114,3 +131,124 @@ def lung_box(g: np.ndarray, *, pad: float = 0.05, min_side: float = 0.5) -> tupl
 def crop_to_lungs(g: np.ndarray) -> np.ndarray:
     y0, y1, x0, x1 = lung_box(g)
     return g[y0:y1, x0:x1]
+
+
+SIZE = 128  # the network's input side
+
+
+SHIPPED = "lungseg_unet128.pt"  # inside the package: covidscan/weights/
+
+
+VERSION = 1  # of the shipped weights; part of the preprocessing cache key, bump when they are retrained
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+        nn.Conv2d(cout, cout, 3, padding=1, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class LungUNet(nn.Module):
+    """U-Net: ``N x 1 x S x S`` gray in [0, 1] -> ``N x 1 x S x S`` lung logits (S divisible by 16)."""
+
+    def __init__(self, width: int = 16):
+        super().__init__()
+        w = [width, width * 2, width * 4, width * 8, width * 16]
+        self.down = nn.ModuleList([_block(1, w[0]), _block(w[0], w[1]), _block(w[1], w[2]), _block(w[2], w[3])])
+        self.bottom = _block(w[3], w[4])
+        self.up = nn.ModuleList([nn.ConvTranspose2d(w[i + 1], w[i], 2, stride=2) for i in reversed(range(4))])
+        self.dec = nn.ModuleList([_block(w[i] * 2, w[i]) for i in reversed(range(4))])
+        self.out = nn.Conv2d(w[0], 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x - 0.5) / 0.25
+        skips = []
+        for block in self.down:
+            x = block(x)
+            skips.append(x)
+            x = F.max_pool2d(x, 2)
+        x = self.bottom(x)
+        for up, dec, skip in zip(self.up, self.dec, reversed(skips)):
+            x = dec(torch.cat([up(x), skip], 1))
+        return self.out(x)
+
+
+def _resize(a: np.ndarray, size: int) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=np.float32))[None, None]
+    return F.interpolate(t, size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+
+
+def clean_mask(mask: np.ndarray) -> np.ndarray:
+    """Keep the two largest connected regions (the lungs), holes filled."""
+    labels, n = ndimage.label(mask)
+    if n == 0:
+        return mask.astype(bool)
+    sizes = ndimage.sum(mask, labels, range(1, n + 1))
+    keep = np.argsort(sizes)[::-1][:2] + 1
+    return ndimage.binary_fill_holes(np.isin(labels, keep))
+
+
+def load_segmenter(path: str | Path | None = None) -> tuple[LungUNet, dict]:
+    """The shipped segmenter (``path`` None) or one written by :func:`save_segmenter`."""
+    src = Path(path) if path else Path(str(files("covidscan").joinpath("weights", SHIPPED)))
+    try:
+        obj = torch.load(src, map_location="cpu", weights_only=True)
+        model = LungUNet(int(obj["width"]))
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in obj["state_dict"].items()})
+    except (OSError, RuntimeError, KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"{src}: not a usable lung segmenter ({type(exc).__name__}: {str(exc)[:160]})") from exc
+    return model.eval(), obj.get("info", {})
+
+
+@lru_cache(maxsize=1)
+def _shipped() -> LungUNet:
+    return load_segmenter()[0]
+
+
+@torch.no_grad()
+def segment_lungs(gray: np.ndarray, model: LungUNet | None = None) -> np.ndarray:
+    """``H x W`` gray image in [0, 1] -> ``H x W`` boolean lung mask (the shipped network by default)."""
+    model = model or _shipped()
+    h, w = gray.shape
+    x = _resize(gray, SIZE)[None]
+    prob = torch.sigmoid(model(x))
+    up = F.interpolate(prob, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    small = clean_mask((prob[0, 0] > 0.5).numpy())
+    if not small.any():
+        return np.zeros((h, w), bool)
+    keep = F.interpolate(torch.from_numpy(small.astype(np.float32))[None, None], size=(h, w), mode="nearest")[0, 0].numpy() > 0
+    return (up > 0.5) & keep
+
+
+def lung_bbox(mask: np.ndarray, pad: float = 0.05) -> tuple[int, int, int, int] | None:
+    """``(y0, y1, x0, x1)`` around the mask, padded by ``pad`` of the image side; None for an empty mask."""
+    ys, xs = np.nonzero(mask)
+    if len(ys) == 0:
+        return None
+    h, w = mask.shape
+    py, px = int(round(pad * h)), int(round(pad * w))
+    return max(0, ys.min() - py), min(h, ys.max() + 1 + py), max(0, xs.min() - px), min(w, xs.max() + 1 + px)
+
+
+def apply_lungs(gray: np.ndarray, how: str, model: LungUNet | None = None) -> np.ndarray:
+    """Preprocessing with the learned mask: ``crop`` to the lung box, ``mask`` (outside the lungs set
+    to the image's median grey), or ``both``; ``none`` returns ``gray``. No lungs found -> unchanged."""
+    if how == "none":
+        return gray
+    mask = segment_lungs(gray, model)
+    box = lung_bbox(mask)
+    if box is None or mask.mean() < 0.02:
+        return gray
+    out = gray
+    if how in ("mask", "both"):
+        grown = ndimage.binary_dilation(mask, iterations=max(1, int(0.02 * max(gray.shape))))
+        out = np.where(grown, gray, np.float32(np.median(gray))).astype(np.float32)
+    if how in ("crop", "both"):
+        y0, y1, x0, x1 = box
+        out = out[y0:y1, x0:x1]
+    return out

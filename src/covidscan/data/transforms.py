@@ -26,9 +26,8 @@ from torchvision.transforms.v2 import functional as TF
 
 from covidscan.data.hounsfield import window
 from covidscan.data.io import ScanImage
-from covidscan.data.lungs import crop_to_lungs
-from covidscan.lungseg import VERSION as SEGMENTER_VERSION
-from covidscan.lungseg import apply_lungs
+from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
+from covidscan.data.lungs import apply_lungs, crop_to_lungs
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
 LUNG_OPTIONS = ("none", "crop", "mask", "both")
@@ -43,7 +42,7 @@ class Preprocess:
     equalize: histogram equalisation after resizing (contrast normalisation across sources).
     crop: fraction of width / height cut from each border before resizing (text, markers).
     lung_crop: crop to the box around the lung fields found by thresholding (covidscan.data.lungs).
-    lungs: the learned lung mask (covidscan.lungseg): ``none``, ``crop`` (to the lung box), ``mask``
+    lungs: the learned lung mask (covidscan.data.lungs): ``none``, ``crop`` (to the lung box), ``mask``
         (outside the lungs set to the median grey) or ``both``.
     hu_window: CT models: ``(center, width)`` of the lung window that maps a scan's Hounsfield units
         (a CT DICOM slice) to grey, the same window a study's slices get; None for X-ray models.

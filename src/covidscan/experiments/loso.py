@@ -22,11 +22,11 @@ import torch
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.config import Config, load_config
 from covidscan.data import Split, exclude_sources, grouped_split, load_dataset, write_split
-from covidscan.engine import train
-from covidscan.evaluation import predict_index
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
+from covidscan.predict import predict_index
 from covidscan.results import fmt_interval, write_json
+from covidscan.training import train
 
 logger = logging.getLogger(__name__)
 

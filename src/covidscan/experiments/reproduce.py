@@ -19,11 +19,11 @@ from pathlib import Path
 import torch
 
 from covidscan.config import Config, apply_overrides, config_from_dict, load_config, replace_cfg
-from covidscan.engine import train
 from covidscan.errors import WeightsUnavailableError
 from covidscan.evaluation import evaluate
-from covidscan.paper import PAPER_ACCURACY, PAPER_MODELS, PROTOCOLS
+from covidscan.experiments.paper import PAPER_ACCURACY, PAPER_MODELS, PROTOCOLS
 from covidscan.results import fmt_interval, write_json
+from covidscan.training import train
 
 logger = logging.getLogger(__name__)
 

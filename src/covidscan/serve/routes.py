@@ -1,0 +1,156 @@
+"""The service's endpoints, on one :class:`fastapi.APIRouter`. What they share (the Predictor, the limits,
+the count of predictions in flight) is a :class:`Service` on ``app.state``, reached through dependencies;
+admission (503 with Retry-After beyond ``max_pending`` predictions) is one dependency, :func:`admitted`."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from dataclasses import dataclass
+
+from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, UploadFile
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import HTMLResponse
+
+from covidscan.data.io import ImageReadError, read_bytes
+from covidscan.explain import low_probability_warning
+from covidscan.serve.pngs import gray_png, map_png, overlay_png
+
+router = APIRouter()
+
+
+@dataclass
+class Service:
+    """One app's state: the model, its limits and the predictions admitted and not finished (one event loop:
+    no lock needed)."""
+
+    predictor: object
+    max_upload_bytes: int
+    max_study_bytes: int
+    max_pending: int
+    page: str
+    pending: int = 0
+
+
+def service(request: Request) -> Service:
+    return request.app.state.service
+
+
+async def admitted(svc: Service = Depends(service)):
+    """Admission: 503 with Retry-After when ``max_pending`` predictions are already running or waiting."""
+    if svc.pending >= svc.max_pending:
+        raise HTTPException(503, f"busy: {svc.max_pending} predictions already running or waiting", headers={"Retry-After": "5"})
+    svc.pending += 1
+    try:
+        yield svc
+    finally:
+        svc.pending -= 1
+
+
+async def read_upload(file: UploadFile, limit: int) -> bytes:
+    data = await file.read(limit + 1)
+    if len(data) > limit:
+        raise HTTPException(413, f"upload larger than the {limit} byte limit")
+    if not data:
+        raise HTTPException(400, "empty upload")
+    return data
+
+
+@router.get("/health")
+def health(svc: Service = Depends(service)) -> dict:
+    p = svc.predictor
+    return {
+        "status": "ok",
+        "task": p.task,
+        "classes": p.class_names,
+        "backbone": p.meta.backbone,
+        "weights_source": p.meta.weights_source,
+    }
+
+
+@router.get("/model")
+def model_info(svc: Service = Depends(service)) -> dict:
+    """What the page shows about the model: task, classes, architecture, weights, training data, validation
+    metrics and the calibrated threshold (all from the checkpoint)."""
+    m = svc.predictor.meta
+    return {
+        "task": m.task, "classes": list(m.class_names), "backbone": m.backbone, "head": m.head,
+        "description": m.extra.get("description", ""), "weights_source": m.weights_source,
+        "image_size": m.preprocess.image_size, "train_counts": m.train_counts, "sources": m.sources,
+        "split_protocol": m.split_protocol, "epoch": m.epoch, "val_metrics": m.val_metrics, "threshold": m.threshold,
+        "versions": m.versions, "studies": m.task == "ct",
+    }  # fmt: skip
+
+
+@router.get("/", response_class=HTMLResponse)
+def index(svc: Service = Depends(service)) -> str:
+    # values from the checkpoint are text, never markup: escaped so a class name cannot inject script
+    p = svc.predictor
+    return svc.page.replace("{{TASK}}", html.escape(p.task)).replace("{{CLASSES}}", html.escape(", ".join(p.class_names)))
+
+
+@router.post("/predict")
+async def predict(
+    file: UploadFile = File(...),
+    heatmap: bool = Query(False),
+    target: str | None = Query(None, description="class for the heat map (default: predicted)"),
+    force_heatmap: bool = Query(
+        False, description="draw the heat map even for a class of probability < 0.1 or a scan outside what the model knows"
+    ),
+    preview: bool = Query(False, description="add the decoded scan as a gray PNG (base64; DICOM previews)"),
+    svc: Service = Depends(admitted),
+) -> dict:
+    p = svc.predictor
+    data = await read_upload(file, svc.max_upload_bytes)
+    if target is not None and target not in p.class_names:
+        raise HTTPException(422, f"unknown class {target!r}; choose one of {', '.join(p.class_names)}")
+    name = file.filename or "upload"
+    try:
+        scan = await run_in_threadpool(read_bytes, data, name)
+    except ImageReadError as exc:
+        raise HTTPException(415, f"{name}: not a readable PNG, JPEG or DICOM image ({exc.cause})") from None
+    result = (await run_in_threadpool(p.predict_scan, scan, name)).to_dict()
+    if heatmap:
+        result["heatmap"] = await _heatmap(p, scan, result, target, force_heatmap)
+    if heatmap or preview:
+        result["original_png_base64"] = await run_in_threadpool(gray_png, scan.pixels)  # DICOM too
+    return result
+
+
+async def _heatmap(predictor, scan, result: dict, target: str | None, force: bool) -> dict:
+    """Grad-CAM of ``target`` (default: the predicted class), withheld unless ``force`` where it would mislead:
+    a class of low probability (its map is mostly noise) or a scan outside what the model knows."""
+    cls = target or result["label"]
+    warning = low_probability_warning(cls, result["probabilities"][cls])
+    if result["out_of_distribution"]:
+        warning = "outside what this model knows: the heat map explains no finding"
+    if warning and not force:
+        return {"class": cls, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
+    cam, cls = await run_in_threadpool(predictor.explain, scan, target)
+    return {
+        "class": cls, "png_base64": overlay_png(scan.pixels, cam), "warning": warning,
+        "map_png_base64": map_png(cam),  # the map alone (jet, RGBA): the page lays it over the original
+    }  # fmt: skip
+
+
+@router.post("/predict_study")
+async def predict_study_endpoint(file: UploadFile = File(...), svc: Service = Depends(admitted)) -> dict:
+    """A CT study: a zip of one DICOM series or a .nii / .nii.gz file -> one patient result, per-slice
+    probabilities and a plot of them along the body axis (PNG, base64)."""
+    from covidscan.data.volume import VolumeError, read_volume_bytes
+    from covidscan.study import plot_study, predict_study
+
+    p = svc.predictor
+    if p.task != "ct":
+        raise HTTPException(422, f"this model is for {p.task}; CT studies need a CT model")
+    data = await read_upload(file, svc.max_study_bytes)
+    name = file.filename or "upload"
+    try:
+        vol = await run_in_threadpool(read_volume_bytes, data, name, max_zip_bytes=3 * svc.max_study_bytes)
+        res = await run_in_threadpool(predict_study, p, vol)
+    except VolumeError as exc:
+        raise HTTPException(415, str(exc)) from None
+    buf = io.BytesIO()
+    await run_in_threadpool(plot_study, res, buf)
+    return {**res.to_dict(), "slices": res.slices, "plot_png_base64": base64.b64encode(buf.getvalue()).decode()}
