@@ -87,7 +87,10 @@ def test_cli_predict_formats_and_bad_file(trained_run, tmp_path, capsys):
     out, err = capsys.readouterr()
     assert rc == 1  # one file failed
     rows = json.loads(out)
-    assert len(rows) == 3 and {r["source"].split("/")[-1] for r in rows} == {g.name for g in good} | {"scan.dcm"}
+    ok = [r for r in rows if "error" not in r]
+    assert len(ok) == 3 and {r["source"].split("/")[-1] for r in ok} == {g.name for g in good} | {"scan.dcm"}
+    (bad,) = [r for r in rows if "error" in r]  # the bad file keeps its row, with the reason; the others go on
+    assert bad["source"].endswith("broken.png") and "not a readable image" in bad["error"]
     assert sum("broken.png" in line for line in err.splitlines() if "error" in line) == 1
     rc = main(["predict", "--checkpoint", str(result.best_checkpoint), str(good[0]), "--csv"])
     lines = capsys.readouterr().out.strip().splitlines()

@@ -213,38 +213,48 @@ def save_config(cfg: Config, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False), encoding="utf-8")
 
 
+#: the choice lists of the settings below: one owner each (transforms, splits, the paper protocol and the
+#: CLI read them from here; heads and backbones come from the model registry)
+LUNG_OPTIONS = ("none", "crop", "mask", "both")
+PROTOCOLS = ("paper", "grouped")  # the paper's image-level split and covidscan's patient-grouped one
+SAMPLERS = ("plain", "balanced")
+MONITORS = ("val_loss", "val_acc")
+LOGGERS = ("none", "tensorboard")
+STUDY_FRAMES = ("lungs", "none")
+STUDY_RULES = ("topk", "mean", "max", "noisy_or")
+
+
+def _choose(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{name}={value!r}; choose {' | '.join(map(str, choices))}")
+
+
 #: augmentations the device-resident batch path (transforms.batch_augment) does not implement
 BATCH_PATH_LACKS = ("crop_scale", "gamma", "blur", "jpeg", "noise")
 
 
 def validate(cfg: Config) -> None:
     """Check values the types cannot (ranges, choices, the backbone name); raises :class:`ConfigError`."""
-    if cfg.data.task not in TASKS:
-        raise ConfigError(f"data.task={cfg.data.task!r}; choose one of {sorted(TASKS)}")
-    if cfg.data.protocol not in ("grouped", "paper"):
-        raise ConfigError(f"data.protocol={cfg.data.protocol!r}; choose grouped or paper")
+    from covidscan.models import HEADS, get_backbone, list_backbones  # not at the top: reading a recipe needs no torch
+
+    _choose("data.task", cfg.data.task, sorted(TASKS))
+    _choose("data.protocol", cfg.data.protocol, PROTOCOLS)
     if cfg.data.image_size and cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
-    if cfg.data.lungs not in ("none", "crop", "mask", "both"):
-        raise ConfigError(f"data.lungs={cfg.data.lungs!r}; choose none, crop, mask or both")
+    _choose("data.lungs", cfg.data.lungs, LUNG_OPTIONS)
     st = cfg.study
-    if st.window_width <= 0 or st.frame not in ("lungs", "none") or st.rule not in ("topk", "mean", "max", "noisy_or"):
-        raise ConfigError(
-            f"study: window_width must be > 0 (got {st.window_width}), frame lungs|none (got {st.frame!r}), "
-            f"rule topk|mean|max|noisy_or (got {st.rule!r})"
-        )
+    if st.window_width <= 0:
+        raise ConfigError(f"study.window_width must be > 0 (got {st.window_width})")
+    _choose("study.frame", st.frame, STUDY_FRAMES)
+    _choose("study.rule", st.rule, STUDY_RULES)
     if not 0 < st.top <= 1 or not 0 <= st.min_lung <= 1:
         raise ConfigError(f"study.top must be in (0, 1] (got {st.top}) and study.min_lung in [0, 1] (got {st.min_lung})")
-    if cfg.train.log not in ("none", "tensorboard"):
-        raise ConfigError(f"train.log={cfg.train.log!r}; choose none or tensorboard")
-    if cfg.model.head not in ("linear", "paper"):
-        raise ConfigError(f"model.head={cfg.model.head!r}; choose linear or paper")
-    if cfg.train.sampler not in ("plain", "balanced"):
-        raise ConfigError(f"train.sampler={cfg.train.sampler!r}; choose plain or balanced")
+    _choose("train.log", cfg.train.log, LOGGERS)
+    _choose("model.head", cfg.model.head, sorted(HEADS))
+    _choose("train.sampler", cfg.train.sampler, SAMPLERS)
     if not 0 <= cfg.data.crop < 0.5:
         raise ConfigError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
-    if cfg.train.monitor not in ("val_loss", "val_acc"):
-        raise ConfigError(f"train.monitor={cfg.train.monitor!r}; choose val_loss or val_acc")
+    _choose("train.monitor", cfg.train.monitor, MONITORS)
     a = cfg.augment
     if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
         raise ConfigError("augment: crop_scale, blur and jpeg must be in [0, 1]; gamma and noise must be >= 0")
@@ -266,13 +276,8 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.mixup < 0:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: must be >= 0 (the Beta distribution's parameter; 0 = off)")
-    # imported here, not at the top: reading a recipe must not pull in torch for commands that never train
-    from covidscan.models import list_backbones
-
     if cfg.model.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; registered: {', '.join(list_backbones())}")
-    from covidscan.models import get_backbone
-
     least = get_backbone(cfg.model.backbone).min_size
     if cfg.data.image_size and cfg.data.image_size < least:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.backbone} needs at least {least} pixels")

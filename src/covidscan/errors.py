@@ -42,3 +42,11 @@ class WeightsUnavailableError(CovidscanError, RuntimeError):
 
 class CLIError(CovidscanError):
     """A command-line usage problem that argparse cannot see (arguments that contradict each other)."""
+
+
+class VolumeError(DataError):
+    """A study that cannot be read as one CT volume."""
+
+    def __init__(self, study, reason: str):
+        self.study, self.reason = str(study), reason
+        super().__init__(f"{study}: {reason}")

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from covidscan.cli import common
+import covidscan.cli.common as common
 from covidscan.errors import CLIError
 
 logger = logging.getLogger("covidscan")
@@ -52,11 +52,32 @@ def cmd_split(args) -> int:
     return 0
 
 
+def cmd_verify_packs(folders) -> int:
+    """``covidscan pack --verify PACKED...``: read every row of each pack against its checksum."""
+    from covidscan.data.packed import read_packed
+
+    bad_total = 0
+    for folder in folders:
+        _, images = read_packed(folder)
+        bad = images.verify()
+        bad_total += len(bad)
+        print(
+            f"{folder}: {len(images)} images, "
+            + (f"{len(bad)} damaged (rows {bad[:10]})" if bad else "every row matches its checksum")
+        )
+    return 1 if bad_total else 0
+
+
 def cmd_pack(args) -> int:
     from covidscan.config import load_config
     from covidscan.data.pack import pack
     from covidscan.data.transforms import Preprocess
     from covidscan.models import get_backbone
+
+    if args.verify:
+        return cmd_verify_packs(args.data)
+    if args.out is None:
+        raise CLIError("pack: --out PACKED is needed (or --verify to check existing packs)")
 
     sets = [*args.set, *([f"data.image_size={args.size}"] if args.size else [])]
     cfg = load_config(args.config, sets)
@@ -121,7 +142,10 @@ def register(sub) -> None:
     )
     common.add_data(p)
     common.add_task(p)
-    common.add_out(p, "packed folder to write (give it as --data to train, evaluate or loso)")
+    common.add_out(p, "packed folder to write (give it as --data to train, evaluate or loso)", required=False)
+    p.add_argument(
+        "--verify", action="store_true", help="check every row of the packed folder(s) given as DATA against its checksum"
+    )
     common.add_config(p)
     common.add_set(p)
     p.add_argument(

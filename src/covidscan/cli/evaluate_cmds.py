@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from covidscan.cli import common
+import covidscan.cli.common as common
 
 
 def cmd_evaluate(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from covidscan.cli import common
+import covidscan.cli.common as common
 
 BATCH = 8  # files decoded and run through the model together
 

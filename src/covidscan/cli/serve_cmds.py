@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covidscan.cli import common
+import covidscan.cli.common as common
 
 
 def cmd_serve(args) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from covidscan.cli import common
+import covidscan.cli.common as common
 from covidscan.errors import CLIError
 from covidscan.experiments.paper import PAPER_MODELS, PROTOCOLS
 from covidscan.labels import TASKS
@@ -105,6 +105,45 @@ def cmd_train_ensemble(args) -> int:
     return 0
 
 
+def cmd_loso_report(args) -> int:
+    from covidscan.experiments.pooling import pool, report_markdown, site_adaptation, val_threshold
+
+    r = pool(args.runs, by=args.by, data=args.data, n_boot=args.bootstrap)
+    val = val_threshold(args.runs) if args.val_threshold else None
+    site = site_adaptation(args.runs[0], tta=args.tta) if args.site_adaptation else None
+    md = report_markdown(r, val, site)
+    print(md)
+    if args.out:
+        Path(args.out).write_text(md, encoding="utf-8")
+        print(f"wrote {args.out}")
+    return 0
+
+
+def cmd_ledger(args) -> int:
+    from covidscan.experiments.ledger import load_ledger, resolve_runs, run_variant
+    from covidscan.experiments.pooling import pool, report_markdown
+
+    variants, ensembles = load_ledger(args.ledger)
+    if args.action == "list":
+        for v in variants.values():
+            seeds = f" seeds {v.seeds}" if v.seeds else ""
+            print(f"{v.name:<18} {v.config} {' '.join('--set ' + s for s in v.set)} [{v.yardstick}]{seeds}")
+        for k, members in ensembles.items():
+            print(f"{k:<18} ensemble of {' + '.join(members)}")
+        return 0
+    if not args.names:
+        raise CLIError(f"ledger {args.action}: name at least one variant{' or ensemble' if args.action == 'report' else ''}")
+    for name in args.names:
+        if args.action == "run":
+            if name not in variants:
+                raise CLIError(f"{name!r} is not a variant of {args.ledger} (covidscan ledger list)")
+            run_variant(variants[name], args.data_root, args.out, progress=not args.quiet)
+        else:
+            for runs in resolve_runs(name, variants, ensembles, args.out):
+                print(report_markdown(pool(runs, n_boot=args.bootstrap)))
+    return 0
+
+
 def cmd_lungs(args) -> int:
     from covidscan.training.lungseg import train_lungs
 
@@ -175,6 +214,35 @@ def register(sub) -> None:
     p.add_argument("--resume", action="store_true", help="keep folds that already finished in --out (same config)")
     common.add_quiet(p)
     p.set_defaults(func=cmd_loso)
+
+    p = sub.add_parser(
+        "loso-report",
+        help="pool leave-source-out runs (one, or several averaged as an ensemble): AUROC per fold and pooled, fixed-threshold specificity",
+        description="Example: covidscan loso-report runs/exp/rec_pbn_seed0 runs/exp/incv3_plain_seed0 --by view --data ../shared/data/xray-extra",
+    )
+    p.add_argument("runs", type=Path, nargs="+", help="covidscan loso output folders with the same folds (several: averaged)")
+    p.add_argument("--by", default="", help="also split the fixed-threshold specificity by a manifest field (e.g. view)")
+    p.add_argument("--data", type=Path, nargs="*", default=[], help="dataset folders whose manifests hold that field")
+    p.add_argument("--val-threshold", action="store_true", help="also the threshold from each fold's own validation split")
+    p.add_argument("--site-adaptation", action="store_true", help="also BatchNorm adaptation and a site threshold (first run)")
+    p.add_argument("--tta", action="store_true", help="site adaptation figures with test-time augmentation (image + mirror)")
+    common.add_bootstrap(p, 500)
+    p.add_argument("--out", type=Path, help="also write the report to this markdown file")
+    p.set_defaults(func=cmd_loso_report)
+
+    p = sub.add_parser(
+        "ledger",
+        help="the experiment ledger (configs/ledger.yaml): list, run or report the leave-source-out variants measured",
+        description="Example: covidscan ledger run rec_pbn --out runs/exp; covidscan ledger report zoo_xray --out runs/exp",
+    )
+    p.add_argument("action", choices=["list", "run", "report"], help="list the ledger, train variants, or pool them")
+    p.add_argument("names", nargs="*", help="variants (run, report), runs or ensembles (report)")
+    p.add_argument("--ledger", type=Path, default=Path("configs/ledger.yaml"), help="ledger file (default configs/ledger.yaml)")
+    p.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="folder holding the yardsticks' datasets")
+    p.add_argument("--out", type=Path, default=Path("runs/exp"), help="folder of the run folders (default runs/exp)")
+    common.add_bootstrap(p, 500)
+    common.add_quiet(p)
+    p.set_defaults(func=cmd_ledger)
 
     p = sub.add_parser("reproduce", help="train + evaluate the paper's three models under both protocols (Tables III/IV)")
     p.add_argument("--task", choices=sorted(TASKS), required=True, help="xray (Table III) or ct (Table IV)")

@@ -49,16 +49,16 @@ def read_manifest(csv_path: Path) -> list[Record]:
         fields = reader.fieldnames or []
         missing_cols = {"file", "label"} - set(fields)
         if missing_cols:
-            raise ValueError(f"{csv_path}: manifest lacks column(s) {sorted(missing_cols)}; need at least file,label")
+            raise DataError(f"{csv_path}: manifest lacks column(s) {sorted(missing_cols)}; need at least file,label")
         rows = list(reader)
     if not rows:
-        raise ValueError(f"{csv_path}: manifest has no rows")
+        raise DataError(f"{csv_path}: manifest has no rows")
     records, missing = [], []
     for n, row in enumerate(rows, start=2):
         rel = _clean(row.get("file"))
         label = _clean(row.get("label"))
         if not rel or not label:
-            raise ValueError(f"{csv_path}:{n}: empty file or label")
+            raise DataError(f"{csv_path}:{n}: empty file or label")
         path = (root / rel).resolve() if not Path(rel).is_absolute() else Path(rel)
         packed = _clean(row.get("packed"))  # a split of a packed dataset: the image is a row of the pack
         if packed:
@@ -95,16 +95,16 @@ def read_folder(root: Path, task: str | None = None) -> list[Record]:
         raise FileNotFoundError(f"{root}: no such folder")
     class_dirs = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not class_dirs:
-        raise ValueError(f"{root}: no class sub-folders and no {MANIFEST_NAME}; expected ROOT/<label>/<images>")
+        raise DataError(f"{root}: no class sub-folders and no {MANIFEST_NAME}; expected ROOT/<label>/<images>")
     allowed = set(TASKS[task]) if task else set().union(*TASKS.values())
     for d in class_dirs:
         if d.name not in allowed:
-            raise ValueError(f"{d}: unknown label {d.name!r}; allowed labels: {', '.join(sorted(allowed))}")
+            raise DataError(f"{d}: unknown label {d.name!r}; allowed labels: {', '.join(sorted(allowed))}")
     records = []
     for d in class_dirs:
         files = sorted(p for p in d.rglob("*") if p.is_file() and not p.name.startswith(".") and is_image_file(p))
         if not files:
-            raise ValueError(f"{d}: class folder {d.name!r} holds no image files")
+            raise DataError(f"{d}: class folder {d.name!r} holds no image files")
         records += [Record(path=p.resolve(), label=d.name, source=root.name, dataset=root.name) for p in files]
     return records
 
@@ -117,7 +117,7 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     """
     paths = [Path(data)] if isinstance(data, (str, Path)) else [Path(d) for d in data]
     if not paths:
-        raise ValueError("no dataset given")
+        raise DataError("no dataset given")
     records: list[Record] = []
     opened: dict[str, object] = {}  # packed folders read here: their records need no second read and check
     tasks_seen: dict[Path, str] = {}
@@ -140,16 +140,16 @@ def load_dataset(data: str | Path | Sequence[str | Path], task: str | None = Non
     task = task or infer_task(r.label for r in records)
     for p, t in tasks_seen.items():
         if t != task:
-            raise ValueError(f"{p}: its classes are those of task {t!r}, the others' are {task!r}; cannot merge")
+            raise DataError(f"{p}: its classes are those of task {t!r}, the others' are {task!r}; cannot merge")
     for r in records:
         try:
             check_label(r.label, task)
         except ValueError as exc:
-            raise ValueError(f"{r.path}: {exc}") from None
+            raise DataError(f"{r.path}: {exc}") from None
     seen: set[Path] = set()
     dupes = [r.path for r in records if r.path in seen or seen.add(r.path)]
     if dupes:
-        raise ValueError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
+        raise DataError(f"{dupes[0]}: listed more than once ({len(dupes)} duplicate rows)")
     return DatasetIndex(task=task, records=records, origins=paths, packed=_open_pack(records, opened))
 
 
@@ -180,7 +180,7 @@ def _open_pack(records: list[Record], opened: dict | None = None):
     if not packs:
         return None
     if len(packs) > 1 or any(r.packed_row is None for r in records):
-        raise ValueError(
+        raise DataError(
             "a packed dataset cannot be merged with other data or packs; pack them together: covidscan pack A B --out P"
         )
     from covidscan.data.packed import read_packed
@@ -191,7 +191,7 @@ def _open_pack(records: list[Record], opened: dict | None = None):
     own, images = read_packed(folder)
     for r in records:
         if r.packed_row >= len(own) or own[r.packed_row].path != r.path or own[r.packed_row].label != r.label:
-            raise ValueError(
+            raise DataError(
                 f"{r.path} ({r.label}): row {r.packed_row} of the pack {folder} holds another image or label; "
                 "the pack changed since this list was written"
             )

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import shutil
 import tempfile
 import time
 import uuid
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +27,8 @@ from covidscan.data.packed import FORMAT, INDEX_FIELDS, INDEX_NAME, META_NAME, V
 from covidscan.data.records import DatasetIndex, Record
 from covidscan.data.transforms import Preprocess, to_gray_uint8
 from covidscan.errors import DataError
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -61,6 +65,59 @@ def _decode(rec: Record, pre: Preprocess) -> tuple[np.ndarray, dict] | ImageRead
         return exc
 
 
+class _ShardWriter:
+    """Images appended in order, ``per_shard`` to a shard file; a header with the final count is written last."""
+
+    def __init__(self, folder: Path, pack_id: str, key: str, per_shard: int):
+        self.folder, self.pack_id, self.key, self.per_shard = folder, pack_id, key, per_shard
+        self.shards: list[dict] = []
+        self.fh = None
+
+    def add(self, img: np.ndarray) -> int:
+        """Append one ``S x S`` uint8 image; returns its CRC-32 (stored in the index, checked on read)."""
+        if self.fh is None or self.shards[-1]["count"] == self.per_shard:
+            self.close()
+            self.shards.append({"file": f"shard-{len(self.shards):05d}.u8", "count": 0})
+            self.fh = open(self.folder / self.shards[-1]["file"], "wb")
+            self.fh.write(_header(self.pack_id, len(self.shards) - 1, self.key, 0))
+        data = np.ascontiguousarray(img).tobytes()
+        self.fh.write(data)
+        self.shards[-1]["count"] += 1
+        return zlib.crc32(data)
+
+    def close(self) -> None:
+        if self.fh is not None:
+            self.fh.close()
+            self.fh = None
+
+    def finish(self) -> list[dict]:
+        self.close()
+        for k, sh in enumerate(self.shards):  # the final count goes into each header
+            with open(self.folder / sh["file"], "r+b") as f:
+                f.write(_header(self.pack_id, k, self.key, sh["count"]))
+        return self.shards
+
+
+def _write_tables(folder: Path, rows: list[dict], skipped: list[tuple[str, str]], meta: dict) -> None:
+    with open(folder / INDEX_NAME, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=INDEX_FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+    if skipped:
+        with open(folder / "skipped.csv", "w", newline="", encoding="utf-8") as f:
+            csv.writer(f).writerows([("file", "reason"), *skipped])
+    (folder / META_NAME).write_text(json.dumps(meta, indent=1))
+
+
+def remove_stale_temporaries(out: Path) -> list[Path]:
+    """Remove the temporary folders (``.NAME.*.tmp`` beside ``out``) that a killed ``pack`` left behind."""
+    stale = [p for p in out.parent.glob(f".{out.name}.*.tmp") if p.is_dir()]
+    for p in stale:
+        logger.info("removing %s, left by an interrupted pack", p)
+        shutil.rmtree(p, ignore_errors=True)
+    return stale
+
+
 def pack(
     data,
     out: str | Path,
@@ -75,80 +132,61 @@ def pack(
     """Decode and preprocess every image of ``data`` (folders / manifests) once into ``out``.
 
     Images are decoded in a thread pool (decoding and resizing release the GIL) and written in
-    dataset order, ``shard_images`` per shard. The pack is built in a temporary folder beside
-    ``out`` and renamed into place when complete, so an interrupted pack leaves nothing half made.
-    Unreadable images are listed in ``skipped.csv`` and left out.
+    dataset order, ``shard_images`` per shard, each with a CRC-32 in the index. The pack is built in a
+    temporary folder beside ``out`` and renamed into place when complete, so an interrupted pack leaves
+    nothing half made (and the next run removes what it left). Unreadable images are listed in
+    ``skipped.csv`` and left out.
 
     Raises:
-        DataError: ``out`` exists (without ``overwrite``), ``data`` is itself packed, or no image is readable.
+        DataError: ``out`` exists (without ``overwrite``) or is a file, ``data`` is itself packed, or no image is readable.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise DataError(f"{out} exists; choose another --out or pass --overwrite")
+    if out.exists() and (not overwrite or not out.is_dir()):
+        raise DataError(
+            f"{out} exists{'' if out.is_dir() else ' and is a file'}; choose another --out"
+            + ("" if not out.is_dir() else " or pass --overwrite")
+        )
     index = load_dataset(data, task)
     if index.packed is not None:
         raise DataError(f"{', '.join(map(str, index.origins))}: already packed")
     t0 = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(out)
     tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
     pack_id, key = uuid.uuid4().hex, pre.cache_key()
-    keys = _keys(index)
+    writer = _ShardWriter(tmp, pack_id, key, shard_images)
     skipped: list[tuple[str, str]] = []
-    shards: list[dict] = []
     rows: list[dict] = []
-    fh = None
     bar = tqdm(total=len(index), desc=f"pack {pre.image_size}px", unit="img", disable=not progress)
     try:
         with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
-            for rec, k, got in zip(index.records, keys, pool.map(lambda r: _decode(r, pre), index.records)):
+            for rec, k, got in zip(index.records, _keys(index), pool.map(lambda r: _decode(r, pre), index.records)):
                 bar.update()
                 if isinstance(got, ImageReadError):
                     skipped.append((str(rec.path), got.cause))
+                    logger.warning("skipping unreadable image %s", got)
                     continue
                 img, facts = got
-                if fh is None or shards[-1]["count"] == shard_images:
-                    if fh is not None:
-                        fh.close()
-                    shards.append({"file": f"shard-{len(shards):05d}.u8", "count": 0})
-                    fh = open(tmp / shards[-1]["file"], "wb")
-                    fh.write(_header(pack_id, len(shards) - 1, key, 0))
-                fh.write(np.ascontiguousarray(img).tobytes())
-                shards[-1]["count"] += 1
-                rows.append(
-                    {
-                        "key": k, "label": rec.label, "group_id": rec.group_id or "", "patient_id": rec.patient_id or "",
-                        "source": rec.source, "dataset": rec.dataset, "row": len(rows), **facts,
-                    }
-                )  # fmt: skip
-        if fh is not None:
-            fh.close()
-            fh = None
+                rows.append({
+                    "key": k, "label": rec.label, "group_id": rec.group_id or "", "patient_id": rec.patient_id or "",
+                    "source": rec.source, "dataset": rec.dataset, "row": len(rows), **facts, "crc32": writer.add(img),
+                })  # fmt: skip
+        shards = writer.finish()
         if not rows:
             raise DataError("no readable image to pack")
-        for k, sh in enumerate(shards):  # the final count goes into each header
-            with open(tmp / sh["file"], "r+b") as f:
-                f.write(_header(pack_id, k, key, sh["count"]))
-        with open(tmp / INDEX_NAME, "w", newline="", encoding="utf-8") as f:
-            w = csv.DictWriter(f, fieldnames=INDEX_FIELDS)
-            w.writeheader()
-            w.writerows(rows)
-        if skipped:
-            with open(tmp / "skipped.csv", "w", newline="", encoding="utf-8") as f:
-                csv.writer(f).writerows([("file", "reason"), *skipped])
         meta = {
             "format": FORMAT, "version": VERSION, "pack_id": pack_id, "task": index.task,
             "class_names": list(index.class_names), "image_size": pre.image_size, "preprocess": pre.to_dict(),
             "preprocess_key": key, "images": len(rows), "skipped": len(skipped), "shards": shards,
             "origins": [str(o) for o in index.origins], "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }  # fmt: skip
-        (tmp / META_NAME).write_text(json.dumps(meta, indent=1))
+        _write_tables(tmp, rows, skipped, meta)
         if out.exists():
             shutil.rmtree(out)
         tmp.chmod(0o755)  # mkdtemp made it private
         os.replace(tmp, out)
     except BaseException:
-        if fh is not None:
-            fh.close()
+        writer.close()
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     finally:

@@ -28,17 +28,15 @@ import csv
 import json
 import logging
 import os
+import zlib
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
 from covidscan.data.records import Record
+from covidscan.data.transforms import Preprocess
 from covidscan.errors import DataError
-
-if TYPE_CHECKING:
-    from covidscan.data.transforms import Preprocess
 
 logger = logging.getLogger(__name__)
 
@@ -47,7 +45,9 @@ INDEX_NAME = "index.csv"
 FORMAT = "covidscan-packed"
 VERSION = 1
 HEADER = 4096  # bytes before the first image of a shard (JSON, space padded): page aligned
-INDEX_FIELDS = ("key", "label", "group_id", "patient_id", "source", "dataset", "row", "width", "height", "format", "mode")
+INDEX_FIELDS = (
+    "key", "label", "group_id", "patient_id", "source", "dataset", "row", "width", "height", "format", "mode", "crc32",
+)  # fmt: skip
 
 
 def is_packed(path: str | Path) -> bool:
@@ -115,6 +115,7 @@ class PackedImages:
         self.per_shard = counts[0] if all(c == counts[0] for c in counts[:-1]) else 0  # 0: look rows up
         self._fds: dict[int, int] = {}
         self._pid = -1
+        self.crc: np.ndarray | None = None  # CRC-32 of each row's bytes (index.csv), checked on every read
 
     def __len__(self) -> int:
         return int(self.starts[-1])
@@ -145,7 +146,25 @@ class PackedImages:
         got = os.preadv(self._fd(shard), [out.numpy()], HEADER + k * self.item_bytes)
         if got != self.item_bytes:
             raise DataError(f"{self.shards[shard]}: short read at row {row}; the shard changed since it was opened")
+        if self.crc is not None and zlib.crc32(out.numpy()) != int(self.crc[row]):
+            raise DataError(
+                f"{self.shards[shard]}: row {row} (image {k} of the shard) does not match its checksum: the pack is "
+                "damaged; pack again (covidscan pack --verify PACKED checks every row)"
+            )
         return out
+
+    def verify(self) -> list[int]:
+        """Rows whose bytes do not match their checksum (every row read once); raises DataError for a pack
+        written without checksums."""
+        if self.crc is None:
+            raise DataError(f"{self.folder}: packed before rows had checksums; pack again to be able to verify it")
+        bad, buf = [], torch.empty((1, self.size, self.size), dtype=torch.uint8)
+        for row in range(len(self)):
+            try:
+                self.read_into(row, buf)
+            except DataError:
+                bad.append(row)
+        return bad
 
     def __getitem__(self, row: int) -> torch.Tensor:
         """Row ``row`` as a ``1 x S x S`` uint8 tensor."""
@@ -220,6 +239,8 @@ def read_packed(folder: str | Path) -> tuple[list[Record], PackedImages]:
         raise DataError(f"{path}: index of the packed dataset unreadable ({exc})") from None
     if len(rows) != len(images) or any(int(r["row"]) != i for i, r in enumerate(rows)):
         raise DataError(f"{path}: the index lists {len(rows)} images, the shards hold {len(images)}; pack again")
+    if rows and rows[0].get("crc32"):
+        images.crc = np.asarray([int(r["crc32"]) for r in rows], dtype=np.uint32)
     records = [
         Record(
             path=images.folder / r["key"],

@@ -24,13 +24,13 @@ import torch
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
+from covidscan.config import LUNG_OPTIONS
 from covidscan.data.hounsfield import window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 from covidscan.data.lungs import apply_lungs, crop_to_lungs
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
-LUNG_OPTIONS = ("none", "crop", "mask", "both")
 
 
 @dataclass(frozen=True)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from covidscan.data.io import has_dicom_preamble
-from covidscan.errors import DataError
+from covidscan.errors import DataError, VolumeError  # noqa: F401 (VolumeError: raised here, defined with the family)
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +37,6 @@ NIFTI_SUFFIXES = (".nii", ".nii.gz")
 #: largest uncompressed zip accepted by :func:`read_series_zip` (a 600-slice 512 x 512 16-bit series is ~320 MB)
 MAX_ZIP_BYTES = 1_000_000_000
 DECODER_HINT = "pip install python-gdcm (JPEG Lossless / JPEG-LS / JPEG 2000 / RLE decoders for pydicom)"
-
-
-class VolumeError(DataError):
-    """A study that cannot be read as one CT volume."""
-
-    def __init__(self, study, reason: str):
-        self.study, self.reason = str(study), reason
-        super().__init__(f"{study}: {reason}")
 
 
 @dataclass

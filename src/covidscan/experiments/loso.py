@@ -17,11 +17,12 @@ import logging
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.config import Config, load_config
 from covidscan.data import Split, exclude_sources, grouped_split, load_dataset, write_split
+from covidscan.errors import DataError
+from covidscan.experiments.pooling import PREDICTION_FIELDS
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
 from covidscan.predict import predict_index
@@ -61,9 +62,6 @@ def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
             assignment[i] = "test"
     keep = [i for i, a in enumerate(assignment) if a != "drop"]
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
-
-
-PREDICTION_FIELDS = ("file", "label", "group", "p_covid")
 
 
 def _finished_fold(fold_dir: Path, cfg: Config) -> tuple[dict, list[dict]] | None:
@@ -133,12 +131,12 @@ def leave_one_source_out(
     index = exclude_sources(load_dataset(data, cfg.data.task), cfg.data.exclude)
     all_sources = sorted({source_key(r.source) for r in index.records})
     if len(all_sources) < 2:
-        raise ValueError("leave-one-source-out needs at least two sources")
+        raise DataError("leave-one-source-out needs at least two sources")
     folds, pooled_y, pooled_p, pooled_g = [], [], [], []
     for k, s in enumerate(sources or all_sources):
         unknown = fold_sources(s) - set(all_sources)
         if unknown or not fold_sources(s):
-            raise ValueError(f"unknown source(s) {sorted(unknown) or s!r}; sources: {all_sources} (join several with +)")
+            raise DataError(f"unknown source(s) {sorted(unknown) or s!r}; sources: {all_sources} (join several with +)")
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
@@ -148,7 +146,6 @@ def leave_one_source_out(
             logger.info("LOSO %s: kept finished fold %s", s, fold_dir)
         else:
             write_split(split, fold_dir / "loso_split.csv")
-            torch.manual_seed(cfg.train.seed)
             result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress, overwrite=True)
             fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source)
         folds.append(fold)

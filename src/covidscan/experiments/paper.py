@@ -6,6 +6,10 @@ model stack.
 
 from __future__ import annotations
 
+from covidscan.config import PROTOCOLS  # the paper's image-level split and covidscan's grouped one
+
+__all__ = ["PAPER_ACCURACY", "PAPER_MODELS", "PROTOCOLS"]
+
 #: Accuracy (%) reported by Berrimi et al. (2021), Tables III and IV.
 PAPER_ACCURACY = {
     "xray": {"densenet": 63.56, "inception_v3": 92.35, "new_densenet": 85.0},
@@ -17,5 +21,3 @@ PAPER_MODELS = {
     "inception_v3": ("inception_v3", "linear"),
     "new_densenet": ("densenet121", "paper"),
 }
-#: the paper's image-level split and covidscan's patient-grouped one
-PROTOCOLS = ("paper", "grouped")

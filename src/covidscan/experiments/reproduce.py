@@ -16,8 +16,6 @@ import logging
 import time
 from pathlib import Path
 
-import torch
-
 from covidscan.config import Config, apply_overrides, config_from_dict, load_config, replace_cfg
 from covidscan.errors import WeightsUnavailableError
 from covidscan.evaluation import evaluate
@@ -83,15 +81,14 @@ def reproduce(
 
 
 def _train_with_fallback(cfg: Config, data, run_dir: Path, progress: bool):
-    """Train; where ImageNet weights cannot be had (DenseNet offline), train from scratch and say so."""
-    torch.manual_seed(cfg.train.seed)
+    """Train; where ImageNet weights cannot be had (DenseNet offline), train from scratch and say so. (``train``
+    seeds its own forked generator with ``train.seed``: nothing here touches the global one.)"""
     try:
         return cfg, train(cfg, data, run_dir, progress=progress, overwrite=True), ""
     except WeightsUnavailableError:  # raised while building the model, before any training
         if cfg.model.weights != "imagenet":
             raise
     cfg = replace_cfg(cfg, model={"weights": "none"})
-    torch.manual_seed(cfg.train.seed)
     result = train(cfg, data, run_dir, progress=progress, overwrite=True)
     return cfg, result, "trained from scratch: no ImageNet weights available offline"
 

@@ -120,8 +120,9 @@ def train_segmenter(
     order = torch.randperm(n, generator=gen)
     n_val = max(1, int(round(n * val_fraction))) if n > 1 else 0
     val, tr = order[:n_val], order[n_val:]
-    torch.manual_seed(seed)
-    model = LungUNet(width)
+    with torch.random.fork_rng(devices=[]):  # the initial weights from the seed, the caller's generator untouched
+        torch.manual_seed(seed)
+        model = LungUNet(width)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     steps = epochs * max(1, -(-len(tr) // batch_size))
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps)
