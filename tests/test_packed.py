@@ -116,7 +116,7 @@ def test_unreadable_images_are_listed_and_an_interrupted_pack_leaves_nothing(tmp
     assert "broken.png" in (result.out / "skipped.csv").read_text()
     assert json.loads((result.out / "packed.json").read_text())["skipped"] == 1
 
-    import covidscan.data.packed as packed_mod
+    import covidscan.data.pack as packed_mod
 
     calls = {"n": 0}
     real = packed_mod._decode
@@ -131,6 +131,34 @@ def test_unreadable_images_are_listed_and_an_interrupted_pack_leaves_nothing(tmp
     with pytest.raises(KeyboardInterrupt):
         pack(data, tmp_path / "q", PRE, workers=1)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d", "p"]  # no q, no temporary folder
+    # a pack killed outright (no clean-up ran) leaves its temporary folder: the next pack removes it
+    stale = tmp_path / ".q.deadbeef.tmp"
+    (stale / "sub").mkdir(parents=True)
+    (stale / "shard-00000.u8").write_bytes(b"\0" * 1000)
+    monkeypatch.setattr(packed_mod, "_decode", real)
+    pack(data, tmp_path / "q", PRE)
+    assert not stale.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["d", "p", "q"]
+
+
+def test_damaged_pack_rows_are_an_error_not_training_data(tmp_path, capsys):
+    from covidscan.cli import main
+    from covidscan.data.packed import HEADER, read_packed
+    from covidscan.errors import DataError
+
+    data = make_folder_dataset(tmp_path / "d", per_class=3, size=40)
+    out = pack(data, tmp_path / "p", PRE).out
+    assert main(["pack", "--verify", str(out)]) == 0 and "every row matches" in capsys.readouterr().out
+    shard = out / "shard-00000.u8"
+    raw = bytearray(shard.read_bytes())
+    raw[HEADER + 5 * PRE.image_size**2 + 17] ^= 0xFF  # one flipped byte inside row 5
+    shard.write_bytes(bytes(raw))
+    _, images = read_packed(out)
+    images[4]  # its neighbours read fine
+    with pytest.raises(DataError, match="row 5 .*checksum"):
+        images[5]
+    assert main(["pack", "--verify", str(out)]) == 1 and "1 damaged (rows [5])" in capsys.readouterr().out
+    assert main(["pack", str(data), "--out", str(tmp_path / "d" / "covid" / "covid_000.png")]) == 2  # --out a file
+    assert "is a file" in capsys.readouterr().err
 
 
 def test_processes_and_workers_read_every_packed_image_once(packed):

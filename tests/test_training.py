@@ -549,3 +549,23 @@ def test_two_nodes_with_torchrun_c10d_agree_with_one_process(tmp_path):
     init = build_model("efficientnet_lite0", "linear", 3, weights="none", dropout=0.0)[0].state_dict()["head.fc.weight"]
     assert (a - init).abs().max() > 1e-3  # it trained
     assert torch.allclose(a, b, atol=1e-6), (a - b).abs().max()
+
+
+def test_resume_with_other_data_or_out_a_file_is_one_line(tmp_path, capsys):
+    from covidscan.cli import main
+    from tests.conftest import make_folder_dataset
+
+    data = make_folder_dataset(tmp_path / "d", per_class=6, size=32)
+    other = make_folder_dataset(tmp_path / "o", per_class=7, size=32, seed=3)
+    base = ["train", "--quiet", "--set", "model.weights=none", "--set", "model.backbone=efficientnet_lite0",
+            "--set", "data.image_size=32", "--set", "train.epochs=1"]  # fmt: skip
+    assert main([*base, "--data", str(data), "--out", str(tmp_path / "run")]) == 0
+    before = (tmp_path / "run" / "last.pt").read_bytes()
+    capsys.readouterr()
+    assert main([*base, "--data", str(other), "--out", str(tmp_path / "run"), "--resume", "--set", "train.epochs=2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "other data than the run was made from" in err[0] and "added" in err[0]
+    assert (tmp_path / "run" / "last.pt").read_bytes() == before  # nothing trained, nothing written
+    (tmp_path / "afile").write_text("x")
+    assert main([*base, "--data", str(data), "--out", str(tmp_path / "afile")]) == 2
+    assert "is a file, not a run folder" in capsys.readouterr().err

@@ -21,8 +21,9 @@ import torch
 
 from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.data.dataset import default_cache_dir, open_store
+from covidscan.evaluation import select_data
 from covidscan.metrics import compute_metrics
-from covidscan.predict import predict_index, select_data, store_overlap
+from covidscan.predict import predict_index, store_overlap
 
 logger = logging.getLogger(__name__)
 

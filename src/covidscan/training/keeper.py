@@ -14,7 +14,7 @@ from torch.optim.swa_utils import AveragedModel
 from covidscan.appearance import appearance_reference
 from covidscan.checkpoint import CheckpointMeta, library_versions, load_checkpoint, save_checkpoint
 from covidscan.config import Config, config_diff, config_from_dict
-from covidscan.data import Split
+from covidscan.data import Split, exclude_sources, load_dataset, read_split
 from covidscan.errors import ConfigError
 from covidscan.provenance import fingerprints, provenance_record
 from covidscan.training.data import TrainData
@@ -45,12 +45,35 @@ def check_run_folder(out: Path, *, resume: bool, overwrite: bool) -> None:
     """
     if resume and overwrite:
         raise ConfigError("--resume continues a run and --overwrite starts it again: choose one")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{out} is a file, not a run folder; choose another --out")
     found = [n for n in RUN_FILES if (out / n).exists()]
     if found and not (resume or overwrite):
         raise ConfigError(
             f"{out} already holds a run ({', '.join(found)}); use --resume to continue it, "
             "--overwrite to replace it, or another --out"
         )
+
+
+def check_resumed_data(saved: CheckpointMeta, data, task: str, where: Path) -> None:
+    """A resumed run trains on its saved split; data given again must be the data it was made from.
+
+    Raises:
+        ConfigError: ``data`` differs from the run's (listing the images added and left out).
+    """
+    if not data:
+        return
+    asked = exclude_sources(load_dataset(data, task), saved.config.get("data", {}).get("exclude", ""))
+    if asked.fingerprint() == saved.data_fingerprint:
+        return
+    saved_split = read_split(where / "split.csv", task)
+    old = {r.path.name for r in saved_split.index.records}
+    new = {r.path.name for r in asked.records}
+    added, missing = sorted(new - old), sorted(old - new)
+    raise ConfigError(
+        f"{where}: --resume with other data than the run was made from ({len(added)} image(s) added, e.g. "
+        f"{added[:3]}; {len(missing)} left out, e.g. {missing[:3]}); resume without --data, or start a new run"
+    )
 
 
 def resumed_config(saved: Config, asked: Config | None, where: Path) -> Config:

@@ -66,6 +66,7 @@ from covidscan.training.data import (
 from covidscan.training.keeper import (
     RUN_FILES,
     CheckpointKeeper,
+    check_resumed_data,
     check_run_folder,
     checkpoint_meta,
     resume_state,
@@ -127,6 +128,7 @@ def train(
         state = resume_state(out)
         saved = config_from_dict(state["meta"].config, str(out / "last.pt"))
         cfg = resumed_config(saved, cfg, out)
+        check_resumed_data(state["meta"], data, cfg.data.task, out)
         split_file = out / "split.csv"
     if cfg is None:
         raise ConfigError("train needs a config")
