@@ -382,9 +382,14 @@ def test_token_busy_and_host_guards(predictor, trained_run, capsys):
     assert client.post("/predict", files={"file": ("s.png", png, "image/png")}).status_code == 401
     ok = client.post("/predict", files={"file": ("s.png", png, "image/png")}, headers={"Authorization": "Bearer s3cret"})
     assert ok.status_code == 200 and client.get("/?token=s3cret").status_code == 200
-    busy = TestClient(create_app(predictor, max_pending=0))
-    r = busy.post("/predict", files={"file": ("s.png", png, "image/png")})
+    app = create_app(predictor, max_pending=1)
+    app.state.service.pending = 1  # one prediction already running
+    r = TestClient(app).post("/predict", files={"file": ("s.png", png, "image/png")})
     assert r.status_code == 503 and r.headers["retry-after"] == "5"
+    app.state.service.pending = 0
+    assert TestClient(app).post("/predict", files={"file": ("s.png", png, "image/png")}).status_code == 200
+    with pytest.raises(ValueError, match="max_pending=0"):
+        create_app(predictor, max_pending=0)
     result, _ = trained_run
     assert main(["serve", "--checkpoint", str(result.best_checkpoint), "--host", "0.0.0.0"]) == 2
     assert "set a token" in capsys.readouterr().err

@@ -20,8 +20,23 @@ LAYERS = [
     ("data", ("data",)),
     ("checkpoint", ("checkpoint", "appearance", "compact")),
     ("predict", ("predict",)),
-    ("use", ("inference", "evaluation", "explain", "adapt", "export", "study", "ensemble", "probe", "card", "summary",
-             "reports", "zoo")),  # fmt: skip
+    (
+        "use",
+        (
+            "inference",
+            "evaluation",
+            "explain",
+            "adapt",
+            "export",
+            "study",
+            "ensemble",
+            "probe",
+            "card",
+            "summary",
+            "reports",
+            "zoo",
+        ),
+    ),  # fmt: skip
     ("training", ("training",)),
     ("top", ("experiments", "serve")),
     ("cli", ("cli", "__main__")),
