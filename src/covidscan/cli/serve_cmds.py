@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 
 import covidscan.cli.common as common
@@ -14,7 +15,7 @@ def cmd_serve(args) -> int:
     from covidscan.inference import Predictor
     from covidscan.serve import create_app
     from covidscan.serve.middleware import quiet_tokens_in_access_log
-    from covidscan.serve.policy import check_exposure, check_limits
+    from covidscan.serve.policy import check_exposure, check_limits, pending_within_budget
     from covidscan.serve.protocol import header_timeout_protocol
 
     token = args.token or os.environ.get("COVIDSCAN_TOKEN") or None
@@ -25,8 +26,10 @@ def cmd_serve(args) -> int:
 
         args.checkpoint = checkpoint_path(DEFAULT_MODEL["xray"])
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, backend=args.backend)
+    pending, why = pending_within_budget(args.max_pending, args.memory_budget, studies=predictor.task == "ct")
+    print(f"covidscan serve: {why}", file=sys.stderr)
     app = create_app(
-        predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pending=args.max_pending, token=token,
+        predictor, max_upload_bytes=args.max_upload_mb * 1024 * 1024, max_pending=pending, token=token,
         max_study_bytes=args.max_study_mb * 1024 * 1024, body_timeout=args.body_timeout, allowed_hosts=hosts,
     )  # fmt: skip
     quiet_tokens_in_access_log()
@@ -65,6 +68,11 @@ def register(sub) -> None:
     p.add_argument("--body-timeout", type=float, default=30.0, help="seconds an upload may stall before 408")
     p.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send its request headers")
     p.add_argument("--max-pending", type=int, default=8, help="predictions running or waiting at once; more get 503")
+    p.add_argument(
+        "--memory-budget", type=int, default=None, metavar="MB",
+        help="memory the predictions in flight may take at their decode budgets (default: half of this machine's); "
+        "--max-pending is lowered to fit it",
+    )  # fmt: skip
     p.add_argument(
         "--token", help="require this token (Authorization: Bearer TOKEN); needed beyond localhost (or COVIDSCAN_TOKEN)"
     )

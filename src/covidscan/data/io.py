@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from covidscan.data.budget import check_image, image_budget
 from covidscan.errors import ImageReadError
 
 logger = logging.getLogger(__name__)
@@ -50,10 +51,13 @@ def max_pixels() -> int:
     return int(value) if value.isdigit() and int(value) > 0 else DEFAULT_MAX_PIXELS
 
 
-def check_size(label, width: int, height: int, frames: int = 1) -> None:
+def check_size(label, width: int, height: int, frames: int = 1, samples: int = 1) -> None:
+    """The header's size against the pixel limit and the memory budget (:mod:`covidscan.data.budget`), before
+    any pixel is decoded. Raises :class:`ImageReadError` naming ``label``."""
     n = int(width) * int(height) * max(1, int(frames))
     if width <= 0 or height <= 0:
         raise ImageReadError(label, f"image has no pixels ({width} x {height})")
+    check_image(label, width, height, samples=samples, frames=frames)
     if n > max_pixels():
         raise ImageReadError(
             label,
@@ -153,7 +157,8 @@ def _read_pillow(src, name: str | None = None) -> ScanImage:
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
             with Image.open(src, formats=PILLOW_FORMATS) as im:
-                check_size(label, im.width, im.height, getattr(im, "n_frames", 1))  # header only: nothing decoded yet
+                bands = 4 if im.mode in ("P", "PA") else len(im.getbands())  # a palette expands to RGB(A)
+                check_size(label, im.width, im.height, getattr(im, "n_frames", 1), bands)  # header only: nothing decoded yet
                 im.load()  # forces a full decode: truncated files fail here
                 fmt = im.format or "unknown"
                 mode = im.mode
@@ -210,23 +215,31 @@ def _minmax(arr: np.ndarray) -> np.ndarray:
 
 
 def _read_dicom(src, name: str | None = None) -> ScanImage:
-    import pydicom  # only where DICOM is read: PNG / JPEG work without it (and start faster)
     from pydicom.pixels import apply_modality_lut, apply_voi_lut, convert_color_space
 
     label = name or src
     try:
-        ds = pydicom.dcmread(src)
+        ds = dicom_dataset(src, label)
+    except ImageReadError:
+        raise
     except Exception as exc:  # InvalidDicomError and friends
         raise ImageReadError(label, f"not a readable DICOM ({type(exc).__name__}: {exc})") from exc
     if "PixelData" not in ds:
         raise ImageReadError(label, "DICOM file has no pixel data")
-    check_size(label, int(getattr(ds, "Columns", 0)), int(getattr(ds, "Rows", 0)), int(getattr(ds, "NumberOfFrames", 1) or 1))
+    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
+    rows, cols, spp = int(getattr(ds, "Rows", 0)), int(getattr(ds, "Columns", 0)), int(getattr(ds, "SamplesPerPixel", 1) or 1)
+    check_size(label, cols, rows, frames, spp)
+    check_pixel_data_length(ds, label, rows, cols, frames, spp)
     try:
         arr = ds.pixel_array
     except Exception as exc:
         raise ImageReadError(label, f"cannot decode DICOM pixel data ({type(exc).__name__}: {exc})") from exc
+    want = (rows, cols) if frames == 1 else (frames, rows, cols)
+    if tuple(arr.shape[: len(want)]) != want:
+        raise ImageReadError(
+            label, f"decoded pixel data of shape {arr.shape} disagrees with the header ({frames} x {rows} x {cols})"
+        )
     photometric = str(getattr(ds, "PhotometricInterpretation", "MONOCHROME2")).upper()
-    frames = int(getattr(ds, "NumberOfFrames", 1) or 1)
     if photometric in ("RGB", "YBR_FULL", "YBR_FULL_422"):
         if frames > 1:
             arr = arr[frames // 2]
@@ -244,6 +257,66 @@ def _read_dicom(src, name: str | None = None) -> ScanImage:
     if photometric == "MONOCHROME1":
         pixels = 1.0 - pixels
     return ScanImage(pixels=pixels, format="DICOM", mode=photometric, path=Path(str(label)), hu=hu)
+
+
+DEFLATED = "1.2.840.10008.1.2.1.99"  # Deflated Explicit VR Little Endian: the whole dataset is zlib-compressed
+
+
+def dicom_dataset(src, label):
+    """Read a DICOM file (path or file-like). A deflated one is inflated here, in a stream that stops at the
+    image budget (pydicom would inflate it whole first: a 1 MB file can hold a 1 GB dataset).
+
+    Raises:
+        ImageReadError: a deflated dataset that inflates beyond the budget, or does not inflate.
+    """
+    import zlib
+
+    import pydicom
+    from pydicom.filereader import _read_file_meta_info, read_dataset
+    from pydicom.uid import ExplicitVRLittleEndian
+
+    fp = open(src, "rb") if isinstance(src, str | Path) else src
+    try:
+        start = fp.tell()
+        head = fp.read(132)
+        if not has_dicom_preamble(head):
+            fp.seek(start)
+            return pydicom.dcmread(fp)
+        meta = _read_file_meta_info(fp)
+        if str(getattr(meta, "TransferSyntaxUID", "")) != DEFLATED:
+            fp.seek(start)
+            return pydicom.dcmread(fp)
+        limit = image_budget() + 65536  # the pixels plus room for the other elements
+        inflater = zlib.decompressobj(-zlib.MAX_WBITS)
+        out, size = [], 0
+        while chunk := fp.read(1 << 16):
+            piece = inflater.decompress(chunk, limit + 1 - size)
+            out.append(piece)
+            size += len(piece)
+            if size > limit or inflater.unconsumed_tail:
+                raise ImageReadError(label, f"deflated DICOM inflates beyond the {image_budget() / 2**20:,.0f} MiB image budget")
+        ds = read_dataset(io.BytesIO(b"".join(out)), is_implicit_VR=False, is_little_endian=True)
+    except zlib.error as exc:
+        raise ImageReadError(label, f"deflated DICOM does not inflate ({exc})") from exc
+    finally:
+        if fp is not src:
+            fp.close()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds.file_meta = meta
+    return ds
+
+
+def check_pixel_data_length(ds, label, rows: int, cols: int, frames: int, spp: int) -> None:
+    """Uncompressed pixel data must hold what the header declares (a DICOM with more frames of data than it
+    says is refused, naming the file, instead of failing later inside the model)."""
+    ts = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None)
+    if ts is not None and ts.is_compressed:
+        return
+    bits = int(getattr(ds, "BitsAllocated", 8) or 8)
+    want = (rows * cols * frames * spp * bits + 7) // 8
+    got = len(ds.PixelData)
+    if got not in (want, want + 1):  # one byte of padding to an even length
+        raise ImageReadError(label, f"pixel data holds {got:,} bytes, the header declares {want:,} ({frames} x {rows} x {cols})")
 
 
 def is_image_file(path: Path) -> bool:

@@ -213,13 +213,18 @@ def _slice_normal(ds) -> np.ndarray | None:
 
 def series_from_files(items, study: str) -> Volume:
     """``[(name, path or file-like), ...]`` of one DICOM series -> :class:`Volume`."""
-    import pydicom
     from pydicom.pixels import apply_modality_lut
+
+    from covidscan.data.budget import check_study
+    from covidscan.data.io import check_pixel_data_length, dicom_dataset
+    from covidscan.errors import ImageReadError
 
     headers, skipped = [], []
     for name, src in items:
         try:
-            ds = pydicom.dcmread(src)
+            ds = dicom_dataset(src, name)
+        except ImageReadError as exc:  # a deflated slice over the budget: the study is refused, not skipped
+            raise VolumeError(study, exc.cause) from None
         except Exception:  # InvalidDicomError and friends: not a DICOM file
             skipped.append(name)
             continue
@@ -253,9 +258,15 @@ def series_from_files(items, study: str) -> Volume:
     shapes = {(int(ds.Rows), int(ds.Columns)) for _, ds in headers}
     if len(shapes) > 1:
         raise VolumeError(study, f"slices of different sizes {sorted(shapes)}: one series per folder")
+    ((rows, cols),) = shapes
+    check_study(study, len(headers), rows, cols)  # before any slice is decoded
     slices = []
     for i in order:
         name, ds = headers[i]
+        try:
+            check_pixel_data_length(ds, name, rows, cols, int(getattr(ds, "NumberOfFrames", 1) or 1), 1)
+        except ImageReadError as exc:
+            raise VolumeError(study, f"{name}: {exc.cause}") from None
         try:
             arr = ds.pixel_array
         except Exception as exc:  # missing decoder, corrupt pixel data
@@ -295,6 +306,10 @@ def read_nifti(path) -> Volume:
         img = nib.load(str(path))
         if len(img.shape) < 3 or (len(img.shape) > 3 and any(s > 1 for s in img.shape[3:])):
             raise VolumeError(path, f"NIfTI of shape {tuple(img.shape)}: a 3-D volume expected")
+        from covidscan.data.budget import check_study
+
+        shape = tuple(int(v) for v in img.shape[:3])
+        check_study(path, shape[2], shape[1], shape[0])  # from the header, before the data are read
         img = nib.as_closest_canonical(img)  # RAS+: axis 2 runs inferior -> superior
         data = np.asarray(img.get_fdata(dtype=np.float32)).reshape(img.shape[:3])
     except VolumeError:

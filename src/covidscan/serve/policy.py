@@ -32,3 +32,29 @@ def check_limits(*, max_upload_mb: int, max_study_mb: int, max_pending: int) -> 
         raise CLIError(f"--max-study-mb {max_study_mb}: must be a positive number of megabytes")
     if max_pending < 1:
         raise CLIError(f"--max-pending {max_pending}: at least 1 (with fewer every prediction would be refused)")
+
+
+def pending_within_budget(max_pending: int, memory_budget_mb: int | None, *, studies: bool) -> tuple[int, str]:
+    """``max_pending`` lowered so that that many decodes at once fit the memory budget (``memory_budget_mb``, else
+    half of this machine's memory); returns it and a line saying what was decided.
+
+    Raises:
+        CLIError: the budget holds not even one prediction.
+    """
+    from covidscan.data.budget import MIB, PEAK_FACTOR, admissible_pending, image_budget, machine_memory, study_budget
+
+    budget = memory_budget_mb * MIB if memory_budget_mb else machine_memory() // 2
+    if budget <= 0:
+        return max_pending, "memory budget unknown (machine memory not readable): --max-pending as given"
+    per = PEAK_FACTOR * (study_budget() if studies else image_budget())
+    fits = admissible_pending(budget, studies=studies)
+    if fits < 1:
+        raise CLIError(
+            f"--memory-budget {budget // MIB} MiB holds no prediction ({per // MIB} MiB each at the decode budget); raise it, "
+            "or lower COVIDSCAN_MAX_IMAGE_MB / COVIDSCAN_MAX_STUDY_MB"
+        )
+    chosen = min(max_pending, fits)
+    return chosen, (
+        f"memory budget {budget // MIB} MiB / {per // MIB} MiB per prediction: {chosen} at once"
+        + (f" (--max-pending {max_pending} lowered)" if chosen < max_pending else "")
+    )

@@ -28,6 +28,8 @@ folder (``covidscan pack``): images are then read from its shards as batches are
 
 from __future__ import annotations
 
+import csv
+import io
 import logging
 import time
 from contextlib import nullcontext
@@ -51,6 +53,7 @@ from covidscan.data.transforms import Preprocess
 from covidscan.errors import ConfigError
 from covidscan.models import build_model
 from covidscan.reports import plot_history
+from covidscan.results import atomic_write
 from covidscan.runtime import RunContext, autocast_for
 from covidscan.training.data import (
     TrainData,
@@ -157,6 +160,11 @@ def train(
                 for name in RUN_FILES:
                     (out / name).unlink(missing_ok=True)
                 write_split(split, out / "split.csv")
+            if train_data.store.skipped:  # unreadable images were left out: say which, beside the run
+                buf = io.StringIO()
+                csv.writer(buf).writerows([("file", "reason"), *train_data.store.skipped])
+                atomic_write(out / "skipped.csv", buf.getvalue())
+                logger.warning("%d unreadable image(s) left out: %s", len(train_data.store.skipped), out / "skipped.csv")
             logger.info("split (%s):\n%s", split.protocol, split.format_counts())
         record = training_record(train_data)
         meta = checkpoint_meta(cfg, split, train_data, cfg.model.backbone, weights_source, record)
