@@ -122,3 +122,25 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
         phone.screenshot(path=str(ARTIFACTS / "upload_page_mobile.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "upload_page.png").stat().st_size > 5000 and (ARTIFACTS / "upload_page_mobile.png").stat().st_size > 5000
+
+
+def test_api_docs_render_the_predict_operation(server):
+    """/docs renders the OpenAPI 3.1 schema (Swagger UI 5, served offline) and /redoc too."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed and could not be installed (run as root: apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    url, _ = server
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(url + "/docs")
+        page.wait_for_selector(".opblock-summary-path", timeout=30_000)
+        paths = page.locator(".opblock-summary-path").all_inner_texts()
+        assert any(t.strip() == "/predict" for t in paths) and "Unable to render" not in page.content()
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "docs.png"))
+        page.goto(url + "/redoc")
+        page.wait_for_selector("text=/predict", timeout=30_000)
+        browser.close()

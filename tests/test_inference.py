@@ -421,6 +421,11 @@ def test_api_docs_work_offline(client):
     js = client.get("/docs-assets/swagger-ui-bundle.js")
     assert js.status_code == 200 and len(js.content) > 100_000
     assert client.get("/docs-assets/swagger-ui.css").status_code == 200
+    assert b'"5.' in js.content[:2000] or b"5.32" in js.content  # Swagger UI 5: reads OpenAPI 3.1
+    assert client.get("/openapi.json").json()["openapi"].startswith("3.1")
+    redoc = client.get("/redoc")
+    assert redoc.status_code == 200 and "/docs-assets/redoc.standalone.js" in redoc.text and "fonts.googleapis" not in redoc.text
+    assert client.get("/docs-assets/redoc.standalone.js").status_code == 200
 
 
 def test_silent_and_partial_header_connections_are_closed(predictor):

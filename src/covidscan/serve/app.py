@@ -12,6 +12,7 @@ service) the Host header, and add security headers. The Predictor serialises for
 from __future__ import annotations
 
 from importlib.resources import files
+from pathlib import Path
 
 from covidscan.serve.middleware import BodyLimit, HostGuard, SecurityHeaders, StallGuard, TokenGuard
 from covidscan.serve.routes import Service, router
@@ -67,12 +68,15 @@ def create_app(
 
 
 def _offline_docs(app) -> None:
-    """``/docs`` with Swagger UI's files from the ``swagger-ui-bundle`` package, so it works offline."""
-    from fastapi.openapi.docs import get_swagger_ui_html
-    from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
+    """``/docs`` (Swagger UI 5, which reads the OpenAPI 3.1 schema FastAPI writes) and ``/redoc``, with their
+    files from the ``fastapi-offline`` package (MIT), so both work with no network."""
+    from importlib.util import find_spec
 
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_path), name="docs-assets")
+    from fastapi.openapi.docs import get_redoc_html, get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+
+    static = Path(find_spec("fastapi_offline").origin).parent / "static"  # its files only: nothing of it is imported
+    app.mount("/docs-assets", StaticFiles(directory=static), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs():
@@ -81,5 +85,12 @@ def _offline_docs(app) -> None:
             title="covidscan API",
             swagger_js_url="/docs-assets/swagger-ui-bundle.js",
             swagger_css_url="/docs-assets/swagger-ui.css",
-            swagger_favicon_url="/docs-assets/favicon-32x32.png",
+            swagger_favicon_url="/docs-assets/favicon.png",
         )
+
+    @app.get("/redoc", include_in_schema=False)
+    def redoc():
+        return get_redoc_html(
+            openapi_url=app.openapi_url, title="covidscan API", redoc_js_url="/docs-assets/redoc.standalone.js",
+            redoc_favicon_url="/docs-assets/favicon.png", with_google_fonts=False,
+        )  # fmt: skip
