@@ -252,3 +252,22 @@ def test_readme_python_api_example_runs(trained_run, tmp_path, monkeypatch):
         p.predict(np.zeros((4, 4, 5), np.uint8))
     with pytest.raises(ValueError, match=r"\[0, 1\]"):
         p.predict(np.full((8, 8), 3.0, np.float32))
+
+
+@pytest.mark.parametrize("backbone", __import__("covidscan.models", fromlist=["list_backbones"]).list_backbones())
+def test_summary_totals_are_complete_for_every_backbone(backbone):
+    """Parameters equal sum(p.numel()); mult-adds count every convolution (EfficientNet-Lite's padded ones too)."""
+    import re
+
+    from covidscan.config import load_config
+    from covidscan.summary import model_for, summary_table, totals
+
+    model, _, _ = model_for(load_config(None, [f"model.backbone={backbone}", "model.weights=none"]))
+    table = summary_table(model, 96)
+    total = sum(p.numel() for p in model.parameters())
+    assert f"Total params: {total:,}" in table
+    gmacs = float(re.search(r"Total mult-adds: ([0-9.]+) G", table).group(1))
+    params, macs = totals(model, 96)
+    convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert params == total and gmacs == pytest.approx(macs / 1e9, abs=1e-3) and macs > 1e7
+    assert macs > sum(c.weight.numel() for c in convs)  # every convolution counted at least once per output pixel

@@ -46,7 +46,39 @@ def summary_table(model: torch.nn.Module, size: int, *, depth: int = 2) -> str:
         verbose=0,
         device="cpu",
     )
-    return str(stats)
+    # torchinfo counts mult-adds and parameter bytes of leaf layers only: a convolution with a padding child
+    # (EfficientNet-Lite's Conv2dStaticSamePadding) drops out. The totals below are counted here, every
+    # convolution and linear layer once, whatever it contains.
+    params, macs = totals(model, size)
+    lines = str(stats).splitlines()
+    for k, line in enumerate(lines):
+        if line.startswith("Total mult-adds"):
+            lines[k] = f"Total mult-adds: {macs / 1e9:.3f} G (every convolution and linear layer, for one image)"
+        elif line.startswith("Params size"):
+            lines[k] = f"Params size (MB): {params * 4 / 1e6:.2f}"
+    return "\n".join(lines)
+
+
+@torch.no_grad()
+def totals(model: torch.nn.Module, size: int) -> tuple[int, int]:
+    """``(parameters, mult-adds)`` of one ``1 x 3 x size x size`` forward pass: mult-adds of every ``Conv2d``
+    (and subclass: weights x output pixels) and ``Linear`` layer, counted with forward hooks."""
+    macs = [0]
+
+    def hook(module, _inputs, output):
+        out = output[0] if isinstance(output, tuple) else output
+        if isinstance(module, torch.nn.Conv2d):
+            macs[0] += module.weight.numel() * out.shape[-2] * out.shape[-1]
+        else:
+            macs[0] += module.weight.numel()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv2d | torch.nn.Linear)]
+    try:
+        model.eval()(torch.zeros(1, 3, size, size))
+    finally:
+        for h in handles:
+            h.remove()
+    return sum(p.numel() for p in model.parameters()), macs[0]
 
 
 def stages(model: CovidNet, size: int) -> list[tuple[str, tuple[int, ...], int]]:

@@ -7,6 +7,7 @@ feature extractor with its channel count read from the replaced layer's ``in_fea
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import re
 from collections import OrderedDict
@@ -132,6 +133,13 @@ def _fid_inception_state_dict() -> dict:
     return out
 
 
+@functools.cache
+def _lite_body_class() -> type:
+    from efficientnet_lite_pytorch import EfficientNet
+
+    return type("EfficientNetLiteBody", (EfficientNet,), {"forward": EfficientNet.extract_features})
+
+
 class EfficientNetLiteFeatures(nn.Module):
     """EfficientNet-Lite0 (``efficientnet-lite-pytorch``) up to its head convolution: ``N x 1280 x H/32 x W/32``."""
 
@@ -139,10 +147,14 @@ class EfficientNetLiteFeatures(nn.Module):
         super().__init__()
         net._fc = nn.Identity()  # the ImageNet classifier is replaced by covidscan's head
         net._dropout = nn.Identity()
+        # called as a module (its forward is the feature extractor), so hooks see it: torchinfo's summary shows its
+        # output, and forward hooks reach it like any other backbone's (a class, not an instance attribute: a
+        # deep copy of the model must call its own layers)
+        net.__class__ = _lite_body_class()
         self.net = net
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net.extract_features(x)
+        return self.net(x)
 
 
 def _efficientnet_lite0_builder(state_dict: dict | None) -> tuple[nn.Module, int]:
