@@ -428,6 +428,14 @@ def test_tensorboard_event_files_hold_the_history(tmp_path, xray_dir):
     assert [s for s, _ in val_loss] == [1, 2]
     assert [v for _, v in val_loss] == pytest.approx([h["val_loss"] for h in res.history], rel=1e-6)
     assert "train/loss" in acc.Tags()["scalars"]
+    steps = [e.step for e in acc.Scalars("step/lr")]  # per optimizer step, both epochs, with the learning rate
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= 4
+    assert all(e.value == pytest.approx(1e-3) for e in acc.Scalars("step/lr"))
+    assert "config/text_summary" in acc.Tags()["tensors"]  # the resolved config, once
+    # curves.png: whole epochs on the axis and the kept epoch marked (its legend entry)
+    import matplotlib.image as mpimg
+
+    assert mpimg.imread(tmp_path / "run" / "curves.png").shape[1] > 600
 
 
 def test_tensorboard_missing_is_one_error_before_anything_is_written(tmp_path, xray_dir, monkeypatch):

@@ -248,13 +248,21 @@ def _plot_reliability(table: dict, ece: float, path: Path) -> None:
     plt.close(fig)
 
 
-def plot_history(history: list[dict], path: Path) -> Path:
-    """Training curves: loss and accuracy, train and validation, per epoch."""
+def plot_history(history: list[dict], path: Path, *, chosen: int | None = None) -> Path:
+    """Training curves: loss and accuracy, train and validation, per epoch (whole epochs on the axis), the
+    epoch whose weights were kept (``chosen``, by validation loss) marked."""
+    from matplotlib.ticker import MaxNLocator
+
     ep = [h["epoch"] for h in history]
     fig, axes = plt.subplots(1, 2, figsize=(9, 3.5))
     for ax, key, label in ((axes[0], "loss", "cross-entropy loss"), (axes[1], "acc", "accuracy")):
         ax.plot(ep, [h[f"train_{key}"] for h in history], "o-", label="train")
         ax.plot(ep, [h[f"val_{key}"] for h in history], "s-", label="validation")
+        if chosen is not None and chosen in ep:
+            ax.axvline(chosen, color="0.4", linestyle=":", linewidth=1)
+            ax.plot([chosen], [history[ep.index(chosen)][f"val_{key}"]], "*", color="crimson", markersize=12,
+                    label=f"kept: epoch {chosen}")  # fmt: skip
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         ax.legend(fontsize=8)

@@ -38,6 +38,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+import yaml
 from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.optim.swa_utils import AveragedModel
 from tqdm.auto import tqdm
@@ -184,6 +185,7 @@ class Fitting:
     class_w: torch.Tensor | None
     workers: int
     swa: AveragedModel | None = None  # train.swa_start: running average of the weights
+    writer: object | None = None  # train.log=tensorboard: a SummaryWriter (main process only)
 
 
 def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
@@ -264,17 +266,23 @@ def run_epoch(
     )
     every, averaging = cfg.train.checkpoint_every, fit.swa is not None and epoch >= cfg.train.swa_start
 
+    per_epoch = -(-len(order) // bs) if not drop_last else len(order) // bs
+
     def on_step(p: EpochProgress) -> None:
         if averaging:
             fit.swa.update_parameters(model)
         if every and run.is_main and p.step % every == 0:
             keeper.save_step(epoch, p, model, fit.optimizer)
+        if fit.writer is not None:  # per step: the epoch's running loss and the learning rate
+            step = (epoch - 1) * per_epoch + p.step
+            fit.writer.add_scalar("step/train_loss_running", p.loss_sum / max(p.seen, 1), step)
+            fit.writer.add_scalar("step/lr", fit.optimizer.param_groups[0]["lr"], step)
 
     with fit.net.join() if isinstance(fit.net, DDP) else nullcontext():  # processes may get one batch more or less
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-            progress=done, on_step=on_step if averaging or every else None, mixup=cfg.train.mixup,
+            progress=done, on_step=on_step if averaging or every or fit.writer is not None else None, mixup=cfg.train.mixup,
         )  # fmt: skip
     if bar is not None:
         bar.close()
@@ -350,7 +358,9 @@ def _fit(
 ) -> TrainResult:
     fit = prepare(cfg, model, data, run)
     keeper.swa = fit.swa
-    writer = tensorboard_writer(cfg, keeper.out, run)
+    writer = fit.writer = tensorboard_writer(cfg, keeper.out, run)
+    if writer is not None:  # the hyper-parameters, once: the resolved config as text
+        writer.add_text("config", "```\n" + yaml.safe_dump(cfg.to_dict(), sort_keys=False) + "```")
     start_epoch, in_epoch = 1, None
     if state is not None:
         model.load_state_dict(state["state_dict"])
@@ -365,11 +375,14 @@ def _fit(
         if stop or (stop_after_epoch is not None and epoch >= stop_after_epoch):
             break
     if writer is not None:
+        flat = {f"{k}.{kk}": vv for k, v in cfg.to_dict().items() if isinstance(v, dict) for kk, vv in v.items()}
+        hparams = {k: v for k, v in flat.items() if isinstance(v, int | float | str | bool)}
+        writer.add_hparams(hparams, {"hparam/best_val_loss": keeper.best_value or float("nan")}, run_name="hparams")
         writer.close()
     if fit.swa is not None and run.is_main and int(fit.swa.n_averaged) > 0:
         finish_average(cfg, model, fit, data, run, keeper)
     if run.is_main and keeper.history:
-        plot_history(keeper.history, keeper.out / "curves.png")
+        plot_history(keeper.history, keeper.out / "curves.png", chosen=keeper.best_epoch)
     return TrainResult(
         out=keeper.out,
         best_checkpoint=keeper.best_path,
