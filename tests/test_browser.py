@@ -94,21 +94,34 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
                  document.getElementById("drop").dispatchEvent(new DragEvent("drop", { dataTransfer: dt, bubbles: true })); }""",
             b64,
         )
-        page.wait_for_function("document.querySelectorAll('.card.result').length === 3", timeout=60_000)
-        assert page.locator(".card.result h3").first.inner_text() == "dropped.png"
+        page.locator(".card.result").nth(2).wait_for(timeout=60_000)
+        assert page.locator(".card.result h3").last.inner_text() == "dropped.png"  # cards in upload order
+        assert [cards.nth(k).locator("h3").inner_text() for k in range(2)] == [f.name for f in scans]
         # a text file named .png: a failed card in plain words, not a crash; the others stay
         bad = ARTIFACTS / "not_an_image.png"
         bad.write_text("plain text")
         page.set_input_files("#file", str(bad))
         page.click("#submit")
         page.wait_for_selector(".card.failed", timeout=30_000)
-        assert "not a readable" in page.locator(".card.failed").inner_text() and "BytesIO" not in page.content()
-        assert page.locator(".card.result").count() == 3
+        failed_text = page.locator(".card.failed").inner_text()
+        assert "not a readable" in failed_text and "BytesIO" not in page.content() and "Error:" not in failed_text
+        assert page.content().count("not a readable") == 1  # one plain error, in its card
+        # the heat map's class and method are the user's choice
+        page.select_option("#cam-method", "gradcam++")
+        page.select_option("#cam-class", "normal")
+        page.set_input_files("#file", str(scans[0]))
+        page.click("#submit")
+        page.locator(".card.result").nth(3).wait_for(timeout=60_000)
+        caption = page.locator(".card.result").last.inner_text()
+        assert "Grad-CAM++ for normal" in caption or "heat map:" in caption  # drawn, or withheld with its reason
+        page.select_option("#cam-method", "gradcam")
+        page.select_option("#cam-class", "")
+        assert page.locator(".card.result").count() == 4
         # results download as JSON (and CSV)
         with page.expect_download() as dl:
             page.click("#dl-json")
         rows = json.loads(Path(dl.value.path()).read_text())
-        assert len(rows) == 4 and sum("error" in r for r in rows) == 1 and rows[0]["label"] in ("covid", "pneumonia", "normal")
+        assert len(rows) == 5 and sum("error" in r for r in rows) == 1 and rows[0]["label"] in ("covid", "pneumonia", "normal")
         with page.expect_download() as dl:
             page.click("#dl-csv")
         assert Path(dl.value.path()).read_text().splitlines()[0].startswith('"file","label","covid"')
@@ -119,6 +132,8 @@ def test_upload_page_shows_probabilities_and_heatmap(server):
         phone.click("#submit")
         phone.wait_for_selector("#status:text('done')", timeout=60_000)
         assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        bars = phone.evaluate("Math.max(...[...document.querySelectorAll('.bar')].map(b => b.getBoundingClientRect().right))")
+        assert bars <= 390  # the probability bars stay inside the card
         phone.screenshot(path=str(ARTIFACTS / "upload_page_mobile.png"), full_page=True)
         browser.close()
     assert (ARTIFACTS / "upload_page.png").stat().st_size > 5000 and (ARTIFACTS / "upload_page_mobile.png").stat().st_size > 5000
@@ -143,4 +158,28 @@ def test_api_docs_render_the_predict_operation(server):
         page.screenshot(path=str(ARTIFACTS / "docs.png"))
         page.goto(url + "/redoc")
         page.wait_for_selector("text=/predict", timeout=30_000)
+        browser.close()
+
+
+def test_report_html_fits_a_phone(trained_run, tmp_path):
+    """report.html at 390 px: wide tables scroll inside their box; the page itself never scrolls sideways."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed and could not be installed (run as root: apt-get install -y chromium)")
+    from playwright.sync_api import sync_playwright
+
+    from covidscan.evaluation import evaluate
+
+    result, data = trained_run
+    evaluate(result.best_checkpoint, data, out=tmp_path / "ev", n_boot=20, by=("source",))
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 390, "height": 844})
+        page.goto((tmp_path / "ev" / "report.html").as_uri())
+        assert page.evaluate("document.documentElement.scrollWidth") <= 390
+        assert (
+            page.evaluate("Math.max(...[...document.querySelectorAll('.scroll')].map(d => d.scrollWidth))") > 390
+        )  # wide tables scroll
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "report_mobile.png"), full_page=True)
         browser.close()

@@ -59,7 +59,9 @@ def test_pixel_data_that_disagrees_with_the_header_names_the_file_and_costs_no_o
     with pytest.raises(ImageReadError, match="header declares"):
         read_image(tmp_path / "x.dcm")
     good = sorted((data / "normal").glob("*.png"))[:2]
-    rc = main(["predict", "--checkpoint", str(result.best_checkpoint), str(good[0]), str(tmp_path / "x.dcm"), str(good[1]), "--json"])
+    rc = main(
+        ["predict", "--checkpoint", str(result.best_checkpoint), str(good[0]), str(tmp_path / "x.dcm"), str(good[1]), "--json"]
+    )
     out, err = capsys.readouterr()
     rows = json.loads(out)
     assert rc == 1 and [("error" in r) for r in rows] == [False, True, False]  # the good files keep their results

@@ -28,6 +28,7 @@ def test_evaluate_writes_report_and_figures(trained_run, tmp_path):
         assert f"]({fig})" in report
     assert html.count('src="data:image/png;base64,') == 4 and "http://" not in html and "https://" not in html
     assert "<table>" in html and "<th>class</th>" in html
+    assert "report.html" not in html  # the HTML report does not point to itself
 
 
 def test_grid_shows_mistakes_first():

@@ -324,76 +324,36 @@ def prediction_grid(preds, names, path: Path, *, n: int = 16, seed: int = 0, err
     return path
 
 
-def _inline(text: str) -> str:
-    """Markdown inline -> HTML for our own reports: escaped text, **bold**, `code`."""
+def report_html(text: str, folder: Path, *, title: str = "covidscan report") -> str:
+    """One self-contained HTML file from a report's markdown (Python-Markdown with tables), its
+    ``![alt](figure.png)`` figures embedded as base64 images, to send to a colleague as one file. Wide tables
+    scroll inside their own box, so the page itself never scrolls sideways on a phone."""
+    import base64
     import html as _html
     import re
 
-    t = _html.escape(text)
-    t = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", t)
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", t)
+    import markdown
 
+    def embed(m: re.Match) -> str:
+        png = Path(folder) / m.group(2)
+        if not (png.is_file() and png.suffix == ".png"):
+            return ""
+        data = base64.b64encode(png.read_bytes()).decode()
+        return f'<figure><img alt="{_html.escape(m.group(1))}" src="data:image/png;base64,{data}"><figcaption>{_html.escape(m.group(1))}</figcaption></figure>'
 
-def report_html(markdown: str, folder: Path, *, title: str = "covidscan report") -> str:
-    """One self-contained HTML file from a report's markdown (headings, tables, lists, quotes, paragraphs), its
-    ``![alt](figure.png)`` lines embedded as base64 images, to send to a colleague as one file."""
-    import base64
-    import html as _html
-
-    body, table, listing = [], [], False
-
-    def flush_table():
-        if table:
-            rows = [r for r in table if not set(r.replace("|", "").strip()) <= set("-: ")]
-            cells = [[c.strip() for c in r.strip().strip("|").split("|")] for r in rows]
-            body.append(
-                "<table><tr>"
-                + "".join(f"<th>{_inline(c)}</th>" for c in cells[0])
-                + "</tr>"
-                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in cells[1:])
-                + "</table>"
-            )
-            table.clear()
-
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            table.append(line)
-            continue
-        flush_table()
-        if listing and not line.startswith("- "):
-            body.append("</ul>")
-            listing = False
-        if line.startswith("#"):
-            level = min(len(line) - len(line.lstrip("#")), 4)
-            body.append(f"<h{level}>{_inline(line.lstrip('#').strip())}</h{level}>")
-        elif line.startswith("- "):
-            if not listing:
-                body.append("<ul>")
-                listing = True
-            body.append(f"<li>{_inline(line[2:])}</li>")
-        elif line.startswith("![") and line.endswith(")") and "](" in line:
-            alt, src = line[2:-1].split("](", 1)
-            png = Path(folder) / src
-            if png.is_file() and png.suffix == ".png":  # embedded: one file to send
-                data = base64.b64encode(png.read_bytes()).decode()
-                body.append(
-                    f'<figure><img alt="{_html.escape(alt)}" src="data:image/png;base64,{data}">'
-                    f"<figcaption>{_html.escape(alt)}</figcaption></figure>"
-                )
-        elif line.startswith(">"):
-            body.append(f"<blockquote>{_inline(line.lstrip('> '))}</blockquote>")
-        elif line.strip():
-            body.append(f"<p>{_inline(line)}</p>")
-    flush_table()
-    if listing:
-        body.append("</ul>")
+    text = text.replace("; the same report with the figures inside: `report.html`", "")  # this file is that report
+    text = _html.escape(text, quote=False)  # file names and class names are text, never markup (Markdown passes HTML)
+    text = re.sub(r"^!\[([^\]]*)\]\(([^)]+)\)$", embed, text, flags=re.M)
+    body = markdown.markdown(text, extensions=["tables"], output_format="html")
+    body = body.replace("<table>", '<div class="scroll"><table>').replace("</table>", "</table></div>")
     style = (
-        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
-        "table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left}"
+        "body{font-family:system-ui,sans-serif;max-width:1000px;margin:2em auto;padding:0 1em;overflow-wrap:anywhere}"
+        ".scroll{overflow-x:auto;max-width:100%}table{border-collapse:collapse;margin:.6em 0}"
+        "td,th{border:1px solid #ccc;padding:.2em .6em;text-align:left;overflow-wrap:normal}"
         "img{max-width:100%}figure{margin:1em 0}blockquote{background:#fff3cd;margin:0;padding:.5em}"
     )
     return (
         f'<!doctype html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
         f'content="width=device-width, initial-scale=1"><title>{_html.escape(title)}</title><style>{style}</style>'
-        f"</head><body>{''.join(body)}</body></html>\n"
+        f"</head><body>{body}</body></html>\n"
     )

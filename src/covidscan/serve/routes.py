@@ -14,7 +14,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
 from covidscan.data.io import ImageReadError, read_bytes
-from covidscan.explain import low_probability_warning
+from covidscan.explain import METHOD_NAMES, low_probability_warning
 from covidscan.serve.pngs import gray_png, map_png, overlay_png
 
 router = APIRouter()
@@ -99,6 +99,7 @@ async def predict(
         False, description="draw the heat map even for a class of probability < 0.1 or a scan outside what the model knows"
     ),
     preview: bool = Query(False, description="add the decoded scan as a gray PNG (base64; DICOM previews)"),
+    method: str = Query("gradcam", pattern="^(gradcam|gradcam\\+\\+)$", description="heat map method: gradcam or gradcam++"),
     svc: Service = Depends(admitted),
 ) -> dict:
     p = svc.predictor
@@ -108,28 +109,30 @@ async def predict(
     name = file.filename or "upload"
     try:
         scan = await run_in_threadpool(read_bytes, data, name)
-    except ImageReadError as exc:
-        raise HTTPException(415, f"{name}: not a readable PNG, JPEG or DICOM image ({exc.cause})") from None
+    except ImageReadError as exc:  # one plain sentence: the decoder's own exception names stay in the log
+        reason = "" if exc.cause.startswith(("not a readable", "cannot decode")) else f": {exc.cause}"
+        raise HTTPException(415, f"{name}: not a readable PNG, JPEG or DICOM image{reason}") from None
     result = (await run_in_threadpool(p.predict_scan, scan, name)).to_dict()
     if heatmap:
-        result["heatmap"] = await _heatmap(p, scan, result, target, force_heatmap)
+        result["heatmap"] = await _heatmap(p, scan, result, target, force_heatmap, method)
     if heatmap or preview:
         result["original_png_base64"] = await run_in_threadpool(gray_png, scan.pixels)  # DICOM too
     return result
 
 
-async def _heatmap(predictor, scan, result: dict, target: str | None, force: bool) -> dict:
+async def _heatmap(predictor, scan, result: dict, target: str | None, force: bool, method: str = "gradcam") -> dict:
     """Grad-CAM of ``target`` (default: the predicted class), withheld unless ``force`` where it would mislead:
     a class of low probability (its map is mostly noise) or a scan outside what the model knows."""
     cls = target or result["label"]
     warning = low_probability_warning(cls, result["probabilities"][cls])
     if result["out_of_distribution"]:
         warning = "outside what this model knows: the heat map explains no finding"
+    name = METHOD_NAMES[method]
     if warning and not force:
-        return {"class": cls, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
-    cam, cls = await run_in_threadpool(predictor.explain, scan, target)
+        return {"class": cls, "method": name, "png_base64": None, "warning": warning + "; add force_heatmap=true to see it"}
+    cam, cls = await run_in_threadpool(predictor.explain, scan, target, method)
     return {
-        "class": cls, "png_base64": overlay_png(scan.pixels, cam), "warning": warning,
+        "class": cls, "method": name, "png_base64": overlay_png(scan.pixels, cam), "warning": warning,
         "map_png_base64": map_png(cam),  # the map alone (jet, RGBA): the page lays it over the original
     }  # fmt: skip
 
