@@ -432,3 +432,28 @@ def test_a_slice_or_study_without_lung_is_flagged_never_normal(tmp_path, tiny_ct
     assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), str(tmp_path / "abdomen"), "--json"]) == 0
     row = json.loads(capsys.readouterr().out)[0]
     assert row["label"] == UNDETERMINED and row["probability"] is None
+
+
+def test_a_study_scored_high_everywhere_is_reported_with_its_spread_and_a_warning(tmp_path, tiny_ct_predictor, monkeypatch):
+    from covidscan.study import predict_study
+
+    write_series(tmp_path / "s", phantom(14, size=64))
+    k = tiny_ct_predictor.class_names.index("covid")
+
+    def scores(values):
+        def probabilities(x):
+            p = np.zeros((len(x), 2), np.float32)
+            p[:, k] = values[: len(x)] if len(values) >= len(x) else values[0]
+            p[:, 1 - k] = 1 - p[:, k]
+            return p
+
+        return probabilities
+
+    monkeypatch.setattr(tiny_ct_predictor, "probabilities", scores([0.97]))
+    res = predict_study(tiny_ct_predictor, tmp_path / "s", batch=64)
+    assert res.label == "covid" and res.spread["share_high"] == 1.0 and res.spread["p10"] == pytest.approx(0.97)
+    assert any("rarely reaches every slice" in w for w in res.warnings) and "p10 / median / p90" in res.line()
+    half = np.asarray([0.9] * 7 + [0.1] * 7, np.float32)
+    monkeypatch.setattr(tiny_ct_predictor, "probabilities", scores(half))
+    res = predict_study(tiny_ct_predictor, tmp_path / "s", batch=64)
+    assert res.spread["share_high"] == pytest.approx(0.5) and not any("every slice" in w for w in res.warnings)

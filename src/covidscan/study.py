@@ -107,6 +107,18 @@ def aggregate(probs, rule: str = "topk", top: float = 0.25) -> float:
     raise ValueError(f"unknown aggregation rule {rule!r}; choose topk, mean, max or noisy_or")
 
 
+#: a study whose lung slices score positive this often (nearly all) gets a warning instead of a plain finding
+EVERYWHERE = 0.9
+
+
+def slice_spread(probs, threshold: float) -> dict:
+    """The scored slices' probabilities in brief: 10th percentile, median, 90th percentile, and the share at or
+    above ``threshold``."""
+    p = np.asarray(probs, dtype=np.float64)
+    q10, q50, q90 = np.quantile(p, [0.1, 0.5, 0.9])
+    return {"p10": float(q10), "median": float(q50), "p90": float(q90), "share_high": float((p >= threshold).mean())}
+
+
 @dataclass
 class StudyResult:
     """One study's result: ``probability`` (of ``positive_class``), ``label``, and per-slice rows."""
@@ -119,6 +131,7 @@ class StudyResult:
     slices: list[dict] = field(default_factory=list)  # index, name, position_mm, lung_area, scored, probability
     summary: str = ""
     warnings: list[str] = field(default_factory=list)
+    spread: dict = field(default_factory=dict)  # the scored slices' probabilities: p10, median, p90, share at or above t
 
     @property
     def scored(self) -> list[dict]:
@@ -128,16 +141,18 @@ class StudyResult:
         return {
             "study": self.study, "probability": self.probability, "label": self.label,
             "positive_class": self.positive_class, "rule": self.rule, "n_slices": len(self.slices),
-            "n_scored": len(self.scored), "volume": self.summary, "warnings": self.warnings,
+            "n_scored": len(self.scored), "volume": self.summary, "warnings": self.warnings, "spread": self.spread,
         }  # fmt: skip
 
     def line(self) -> str:
         warn = f"  [{'; '.join(self.warnings)}]" if self.warnings else ""
         if self.label == UNDETERMINED:
             return f"{self.study}: {UNDETERMINED}  (no lung slice scored of {len(self.slices)}; {self.summary}){warn}"
+        sp = self.spread
+        spread = f"; slices p10 / median / p90 {sp['p10']:.2f} / {sp['median']:.2f} / {sp['p90']:.2f}" if sp else ""
         return (
             f"{self.study}: {self.label}  p({self.positive_class})={self.probability:.3f}  "
-            f"({self.rule} of {len(self.scored)} lung slices of {len(self.slices)}; {self.summary}){warn}"
+            f"({self.rule} of {len(self.scored)} lung slices of {len(self.slices)}{spread}; {self.summary}){warn}"
         )
 
 
@@ -203,12 +218,19 @@ def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: in
     t = (predictor.meta.threshold or {}).get("value", 0.5) if (predictor.meta.threshold or {}).get("class") == positive else 0.5
     other = [c for c in predictor.class_names if c != positive][0]
     label = UNDETERMINED if idx.size == 0 else positive if p >= t else other
+    spread = slice_spread(probs[idx], t) if idx.size else {}
+    if spread and idx.size >= 10 and spread["share_high"] >= EVERYWHERE:
+        warnings.append(
+            f"{spread['share_high']:.0%} of the lung slices score as {positive}: infection rarely reaches every slice, so this "
+            "more likely reflects the scanner or protocol than disease; do not read the study score as a finding "
+            "without a threshold set on this site's own studies"
+        )
     rows = [
         {"index": i, "name": vol.names[i], "position_mm": float(vol.positions[i]), "lung_area": float(areas[i]),
          "scored": bool(keep[i]), "probability": None if np.isnan(probs[i]) else float(probs[i])}
         for i in range(vol.n_slices)
     ]  # fmt: skip
-    return StudyResult(vol.source, p, label, positive, cfg.rule, rows, vol.summary(), warnings)
+    return StudyResult(vol.source, p, label, positive, cfg.rule, rows, vol.summary(), warnings, spread)
 
 
 def plot_study(result: StudyResult, dest) -> None:
