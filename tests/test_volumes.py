@@ -457,3 +457,31 @@ def test_a_study_scored_high_everywhere_is_reported_with_its_spread_and_a_warnin
     monkeypatch.setattr(tiny_ct_predictor, "probabilities", scores(half))
     res = predict_study(tiny_ct_predictor, tmp_path / "s", batch=64)
     assert res.spread["share_high"] == pytest.approx(0.5) and not any("every slice" in w for w in res.warnings)
+
+
+def test_calibrate_on_studies_sets_a_study_level_threshold(tmp_path, tiny_ct_checkpoint, capsys):
+    """A CT model calibrated on a studies folder: the threshold is set on patients' study scores and decides
+    studies, not single slices."""
+    from covidscan.checkpoint import load_checkpoint
+    from covidscan.cli import main
+    from covidscan.inference import Predictor
+    from covidscan.study import predict_study
+
+    root = tmp_path / "studies"
+    rows = ["series,label,task_label,patient_id"]
+    for k in range(4):
+        label = "covid" if k % 2 == 0 else "normal"
+        write_series(root / label / f"P{k}", phantom(4, size=48, seed=k), names=[f"s{k}_{j}.dcm" for j in range(4)])
+        rows.append(f"{label}/P{k},{label},{label},P{k}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    out = tmp_path / "cal.pt"
+    assert main(["calibrate", "--checkpoint", str(tiny_ct_checkpoint), "--data", str(root), "--sensitivity", "1.0",
+                 "--out", str(out), "--bootstrap", "20"]) == 0  # fmt: skip
+    t = load_checkpoint(out)["meta"].threshold
+    assert t["level"] == "study" and t["positives"] == 2 and t["negatives"] == 2
+    assert any("only 2 positives" in w for w in t["warnings"])
+    p = Predictor.from_checkpoint(out, device="cpu")
+    res = predict_study(p, root / "covid" / "P0")
+    assert res.label == ("covid" if res.probability >= t["value"] else "normal")  # the study threshold decides
+    assert p.predict(root / "covid" / "P0" / "s0_0.dcm").decision is None  # not single slices
+    assert "study" in capsys.readouterr().out

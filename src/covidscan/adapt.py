@@ -25,6 +25,7 @@ from covidscan.data import load_dataset
 from covidscan.data.dataset import ImageStore, default_cache_dir, open_store
 from covidscan.data.manifest import Record
 from covidscan.data.packed import is_packed
+from covidscan.data.volume import is_studies_folder
 from covidscan.errors import DataError
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import resampling_units, wilson_interval
@@ -123,20 +124,19 @@ def calibrate(
     checkpoint, out = Path(checkpoint), Path(out)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
-    index = load_dataset(data, meta.task)
-    store = open_store(index.records, meta.preprocess, packed=index.packed, cache_dir=default_cache_dir() / "images")
-    ov, _ = store_overlap(obj.get("provenance"), store)
+    data_names = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
+    studies = meta.task == "ct" and len(data_names) == 1 and is_studies_folder(data_names[0])
+    if studies:  # a CT model on patients: the threshold applies to study scores, set on held-out patients
+        y_pos, score, groups, ov = study_scores(model, meta, obj.get("provenance"), data_names[0], device)
+    else:
+        y_pos, score, groups, ov = image_scores(model, meta, obj.get("provenance"), data, device)
     if ov.checked and not ov.external and not allow_training_images:
         raise DataError(f"{ov.line()}; calibrate on scans the model never saw, or pass --allow-training-images to do it anyway")
-    preds = predict_index(model, meta, index, device=device, store=store)
-    pos = meta.class_names.index(POSITIVE_CLASS)
-    y_pos, score = preds.y == pos, preds.probs[:, pos]
     chosen = threshold_for_sensitivity(y_pos, score, sensitivity)
-    groups = [r.group for r in preds.index.records] if preds.index.grouping != "image" else None
     chosen["value_ci95"] = threshold_interval(y_pos, score, groups, sensitivity, n_boot=n_boot)
-    data_names = [str(d) for d in ([data] if isinstance(data, (str, Path)) else data)]
     threshold = {
         "class": POSITIVE_CLASS,
+        "level": "study" if studies else "image",
         **chosen,
         "target_sensitivity": sensitivity,
         "data": ", ".join(data_names),
@@ -149,6 +149,43 @@ def calibrate(
     new = meta.replace(threshold=threshold)
     save_checkpoint(out, obj["state_dict"], new, provenance=obj.get("provenance"))
     return new
+
+
+def image_scores(model, meta, provenance, data, device):
+    """``(covid?, p(covid), groups, overlap)`` of every readable image of ``data``."""
+    index = load_dataset(data, meta.task)
+    store = open_store(index.records, meta.preprocess, packed=index.packed, cache_dir=default_cache_dir() / "images")
+    ov, _ = store_overlap(provenance, store)
+    preds = predict_index(model, meta, index, device=device, store=store)
+    pos = meta.class_names.index(POSITIVE_CLASS)
+    groups = [r.group for r in preds.index.records] if preds.index.grouping != "image" else None
+    return preds.y == pos, preds.probs[:, pos], groups, ov
+
+
+def study_scores(model, meta, provenance, folder, device):
+    """``(covid?, study p(covid), groups, overlap)`` of every study of a studies folder (like ``ct-volumes``); the
+    overlap is that of their scored slices with the training record. A study where no lung slice was found has no
+    score and is left out."""
+    from covidscan.data.transforms import to_gray_uint8
+    from covidscan.data.volume import read_volume
+    from covidscan.inference import Predictor
+    from covidscan.provenance import fingerprints, overlap
+    from covidscan.study import UNDETERMINED, predict_study, read_studies, slice_scans, study_config, study_truth
+
+    predictor = Predictor(model, meta, str(resolve_device(device)), provenance=provenance)
+    cfg = study_config(predictor)
+    root, studies, _ = read_studies(folder)
+    y, p, groups, images = [], [], [], []
+    for st in studies:
+        vol = read_volume(root / st["series"])
+        res = predict_study(predictor, vol, cfg=cfg)
+        images += [to_gray_uint8(sc, meta.preprocess) for sc in slice_scans(vol, cfg)[2] if sc is not None]
+        if res.label != UNDETERMINED:
+            y.append(study_truth(st) == POSITIVE_CLASS)
+            p.append(res.probability)
+            groups.append(st["series"])
+    stack = torch.stack(images) if images else torch.zeros((0, 1, 8, 8), dtype=torch.uint8)
+    return np.asarray(y), np.asarray(p, dtype=np.float64), groups, overlap(provenance, fingerprints(stack))
 
 
 def adapt(checkpoint, images: list[Path], out, *, device: str = "auto") -> CheckpointMeta:

@@ -216,7 +216,7 @@ class Predictor:
     def decide(self, probs: dict[str, float]) -> dict | None:
         """Positive / negative at the checkpoint's calibrated threshold; None when it has none."""
         t = self.meta.threshold
-        if not t:
+        if not t or t.get("level") == "study":  # a study-level threshold decides studies, not single images
             return None
         return {"class": t["class"], "threshold": t["value"], "positive": probs[t["class"]] >= t["value"]}
 

@@ -215,7 +215,10 @@ def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: in
     if vol.gaps:
         warnings.append(f"{len(vol.gaps)} gap(s) between slices")
     p = aggregate(probs[idx], cfg.rule, cfg.top) if idx.size else float("nan")
-    t = (predictor.meta.threshold or {}).get("value", 0.5) if (predictor.meta.threshold or {}).get("class") == positive else 0.5
+    thr = predictor.meta.threshold or {}
+    # a threshold calibrated on studies (covidscan calibrate on a studies folder) decides studies; one set on single
+    # slices does not: a study score is an aggregate of slices, on another scale
+    t = thr["value"] if thr.get("class") == positive and thr.get("level") == "study" else 0.5
     other = [c for c in predictor.class_names if c != positive][0]
     label = UNDETERMINED if idx.size == 0 else positive if p >= t else other
     spread = slice_spread(probs[idx], t) if idx.size else {}

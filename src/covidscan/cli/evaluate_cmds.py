@@ -100,7 +100,8 @@ def cmd_calibrate(args) -> int:
     )  # fmt: skip
     t = meta.threshold
     lo, hi = t["value_ci95"]
-    print(f"threshold for {t['class']}: {t['value']:.4f} (95% interval over resampled patients {lo:.4f} to {hi:.4f})")
+    level = "study scores (patients)" if t.get("level") == "study" else "image scores"
+    print(f"threshold for {t['class']} on {level}: {t['value']:.4f} (95% interval over resampled patients {lo:.4f} to {hi:.4f})")
     print(f"  sensitivity {fmt_interval(t['sensitivity'], t['sensitivity_ci95'])} % of {t['positives']} positives")
     print(f"  specificity {fmt_interval(t['specificity'], t['specificity_ci95'])} % of {t['negatives']} negatives")
     print(f"  on {t['data']}; {t['overlap']['summary']}")
