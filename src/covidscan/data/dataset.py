@@ -12,6 +12,7 @@ Samples are dicts (torchxrayvision style): ``image``, ``label``, ``index``.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
@@ -147,7 +148,13 @@ class ScanDataset(Dataset):
         self.targets = targets
         self.pre = pre
         self.augment = augment
-        self.seed: int | None = None  # set per epoch by the training loop: augmentation seeded per (seed, image)
+        self.seed: int | None = None  # augmentation seeded per (seed, image) in an epoch's view (for_epoch)
+
+    def for_epoch(self, seed: int) -> ScanDataset:
+        """This dataset as one epoch sees it: the same images, augmentation drawn from ``(seed, image)``."""
+        view = copy.copy(self)
+        view.seed = seed
+        return view
 
     def __len__(self) -> int:
         return len(self.indices)

@@ -246,15 +246,16 @@ def run_epoch(
         done = EpochProgress(**resume["progress"])
         torch.set_rng_state(resume["rng"])
         seen_before = done.seen
-    if isinstance(data.train, ScanDataset):
-        data.train.seed = seed  # augmentation: one draw per (epoch, image), whatever process or worker loads it
+    # this epoch's view of the training set: augmentation drawn per (epoch, image), whatever process or worker
+    # loads it; the dataset itself is never changed
+    epoch_set = data.train.for_epoch(seed) if isinstance(data.train, ScanDataset) else data.train
     loader_kw = dict(num_workers=fit.workers, pin_memory=device.type == "cuda")
     if cfg.train.device_data and not fit.fast:
         loader = device_loader(cfg, data, order, device, seed, start=done.step)
     else:
         # generator=gen: the loader's worker seed is not drawn from the global generator (dropout's)
         rest = order[done.step * bs :]
-        loader = scan_loader(data.train, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
+        loader = scan_loader(epoch_set, batch_size=bs, sampler=rest, drop_last=drop_last, generator=gen, **loader_kw)
     autocast = _autocast(cfg, device)
     fit.net.train()
     if cfg.model.freeze_backbone:
