@@ -5,7 +5,7 @@ bad headers fired at the service while normal clients keep predicting (127.0.0.1
         [--memory-budget 2048]
 
 The app runs in-process (uvicorn in a thread, with the header-timeout protocol, as `covidscan serve` runs it),
-with ``--max-pending`` lowered to fit ``--memory-budget`` exactly as the CLI does. ``--normal`` clients post
+with a token, with ``--max-pending`` lowered to fit ``--memory-budget`` exactly as the CLI does. ``--normal`` clients post
 the image back to back; ``--hostile`` clients cycle through the attacks below. Every second the process's
 resident memory is sampled. Prints, per attack, the status codes seen; for the normal requests, count, errors
 and latency percentiles; and the peak RSS against the start and the stated budget. The reference is the same
@@ -88,11 +88,12 @@ def attacks() -> dict[str, tuple[str, bytes, str]]:
     }
 
 
-def trickle(host: str, port: int) -> int:
-    """A multipart body sent a byte every 3 s: the status the service answers (408 expected)."""
+def trickle(host: str, port: int, token: str) -> int:
+    """A well-formed multipart upload whose file bytes come one every 3 s: the status answered (408 expected)."""
     with socket.create_connection((host, port), timeout=200) as s:
         s.sendall(b"POST /predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-                  b"Content-Length: 100000\r\n\r\n")  # fmt: skip
+                  b"Authorization: Bearer " + token.encode() + b"\r\nContent-Length: 100000\r\n\r\n"
+                  b'--b\r\nContent-Disposition: form-data; name="file"; filename="slow.png"\r\n\r\n')  # fmt: skip
         s.settimeout(3)
         for _ in range(60):
             try:
@@ -101,6 +102,10 @@ def trickle(host: str, port: int) -> int:
             except TimeoutError:
                 s.sendall(b"x")
         return -1
+
+
+TOKEN = "hostile-soak"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 def run(base: str, seconds: float, n_normal: int, n_hostile: int, image: bytes, plan: dict) -> dict:
@@ -116,7 +121,7 @@ def run(base: str, seconds: float, n_normal: int, n_hostile: int, image: bytes, 
             while time.perf_counter() < stop:
                 t = time.perf_counter()
                 try:
-                    code = c.post(base + "/predict", files={"file": ("scan.png", image)}).status_code
+                    code = c.post(base + "/predict", files={"file": ("scan.png", image)}, headers=AUTH).status_code
                 except httpx.HTTPError:
                     code = -1
                 with lock:
@@ -133,12 +138,12 @@ def run(base: str, seconds: float, n_normal: int, n_hostile: int, image: bytes, 
                 i += 1
                 try:
                     if name == "trickle":
-                        code = trickle(host, int(port))
+                        code = trickle(host, int(port), TOKEN)
                     elif name == "bad Authorization":
                         code = c.get(base + "/model", headers=[(b"authorization", b"Bearer \xff\xfe")]).status_code
                     else:
                         path, body, fname = plan[name]
-                        code = c.post(base + path, files={"file": (fname, body)}).status_code
+                        code = c.post(base + path, files={"file": (fname, body)}, headers=AUTH).status_code
                 except (httpx.HTTPError, OSError):
                     code = -1
                 with lock:
@@ -177,7 +182,7 @@ def main() -> None:
     predictor = Predictor.from_checkpoint(args.checkpoint, device="cpu")
     pending, why = pending_within_budget(args.max_pending, args.memory_budget, studies=predictor.task == "ct")
     print(why)
-    app = create_app(predictor, max_pending=pending, body_timeout=10.0)
+    app = create_app(predictor, max_pending=pending, body_timeout=10.0, token=TOKEN)
     image = args.image.read_bytes()
     plan = attacks()  # built before the server starts: the large buffers behind them are freed again
     with serve_in_background(app, http=header_timeout_protocol(10.0)) as base:
