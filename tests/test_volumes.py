@@ -485,3 +485,56 @@ def test_calibrate_on_studies_sets_a_study_level_threshold(tmp_path, tiny_ct_che
     assert res.label == ("covid" if res.probability >= t["value"] else "normal")  # the study threshold decides
     assert p.predict(root / "covid" / "P0" / "s0_0.dcm").decision is None  # not single slices
     assert "study" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("kind", ["nifti", "dicom"])
+def test_study_volumes_lie_on_the_input_geometry(tmp_path, tiny_ct_predictor, kind, monkeypatch):
+    """--study-out's lung_window.nii.gz and heatmap.nii.gz: every input voxel's world position holds, in the output,
+    that voxel's HU in the lung window (so both open over the scan in a viewer); scored slices carry a heat map."""
+    import nibabel as nib
+
+    from covidscan.study import predict_study, window, write_study
+
+    hu = phantom(6, size=40)
+    hu[:, 5:9, 30:34] = 300  # an asymmetric mark: flips and transposes would move it
+    if kind == "nifti":
+        # stored as LPS-ish (x flipped) with an offset and anisotropic voxels: not canonical on purpose
+        data = np.transpose(hu, (2, 1, 0)).astype(np.int16)  # x = column, y = row, z = slice
+        affine = np.array([[-0.7, 0, 0, 90.0], [0, 0.8, 0, -40.0], [0, 0, 2.5, -200.0], [0, 0, 0, 1]])
+        nib.save(nib.Nifti1Image(data, affine), tmp_path / "in.nii.gz")
+        src = tmp_path / "in.nii.gz"
+        world_of = lambda i, j, k: affine @ np.array([i, j, k, 1.0])  # noqa: E731
+        hu_at = lambda i, j, k: data[i, j, k]  # noqa: E731
+        shape = data.shape
+    else:
+        write_series(tmp_path / "s", hu, shuffle=True)
+        src = tmp_path / "s"
+        # write_series: columns along +x (0.7 mm), rows along +y (0.7 mm), slices at z0 + 2.5 k, origin (-170, -170) LPS
+        world_of = lambda i, j, k: np.array([-(-170.0 + 0.7 * i), -(-170.0 + 0.7 * j), -100.0 + 2.5 * k, 1.0])  # noqa: E731
+        hu_at = lambda i, j, k: hu[k, j, i]  # noqa: E731
+        shape = (40, 40, 6)
+    res = predict_study(tiny_ct_predictor, src)
+    from covidscan.data.volume import read_volume
+
+    out = write_study(res, tmp_path / "out", predictor=tiny_ct_predictor, volume=read_volume(src))
+    lw, heat = nib.load(out / "lung_window.nii.gz"), nib.load(out / "heatmap.nii.gz")
+    assert lw.shape == heat.shape and sorted(lw.shape) == sorted(shape)
+    inv = np.linalg.inv(lw.affine)
+    grey = np.asarray(lw.dataobj)
+    rng = np.random.default_rng(0)
+    for i, j, k in zip(rng.integers(0, shape[0], 40), rng.integers(0, shape[1], 40), rng.integers(0, shape[2], 40)):
+        v = inv @ world_of(i, j, k)
+        idx = tuple(int(round(x)) for x in v[:3])
+        assert np.allclose(v[:3], idx, atol=1e-4)  # lands on a voxel centre
+        assert grey[idx] == window(np.array([hu_at(i, j, k)], np.float32), -600, 1500)[0]
+    # the heat map: each scored slice's map in that slice, 0 elsewhere (a stand-in map of 0.5 shows where it goes)
+    monkeypatch.setattr(
+        tiny_ct_predictor, "explain", lambda scan, cls=None, method="gradcam": (np.full(scan.pixels.shape, 0.5, np.float32), cls)
+    )
+    out = write_study(res, tmp_path / "out2", predictor=tiny_ct_predictor, volume=read_volume(src))
+    h = np.asarray(nib.load(out / "heatmap.nii.gz").dataobj)
+    scored = {r["index"] for r in res.scored}
+    for k in range(6):  # slice k of the input: in the output at the voxels of world positions of slice k
+        v = np.linalg.inv(nib.load(out / "heatmap.nii.gz").affine) @ world_of(3, 3, k)
+        value = h[tuple(int(round(x)) for x in v[:3])]
+        assert value == (0.5 if k in scored else 0.0), k

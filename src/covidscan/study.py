@@ -258,7 +258,8 @@ def plot_study(result: StudyResult, dest) -> None:
 
 def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | None = None, montage: int = 6) -> Path:
     """``slices.csv``, ``study.json``, ``slices.png`` (probability along the body axis) and, with the predictor
-    and volume, ``montage.png`` (the highest-scoring slices with Grad-CAM) in ``out``."""
+    and volume, ``montage.png`` (the highest-scoring slices with Grad-CAM) and the two NIfTI volumes of
+    :func:`write_volumes` (lung window and heat map, on the input's geometry) in ``out``."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -291,7 +292,38 @@ def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | No
         fig.tight_layout()
         fig.savefig(out / "montage.png", dpi=90)
         plt.close(fig)
+        write_volumes(result, out, predictor, volume)
     return out
+
+
+def write_volumes(result: StudyResult, out, predictor, volume: Volume) -> tuple[Path, Path]:
+    """``lung_window.nii.gz`` (the study in the model's lung window, uint8) and ``heatmap.nii.gz`` (Grad-CAM of
+    the positive class on every scored slice, 0 to 1; 0 on the slices not scored), both on the input's geometry
+    (:attr:`Volume.affine`), so they open over the scan in 3D Slicer or ITK-SNAP."""
+    import nibabel as nib
+
+    cfg = study_config(predictor)
+    out = Path(out)
+    grey = np.stack([window(v, cfg.window_center, cfg.window_width) for v in volume.hu])  # Z x H x W uint8
+    heat = np.zeros(volume.hu.shape, np.float32)
+    scored = [r["index"] for r in result.scored]
+    boxes = slice_boxes(volume, scored) if cfg.frame == "lungs" else {}
+    h, w = volume.hu.shape[1:]
+    for i in scored:
+        t, b, left, r = boxes.get(i, (0, h, 0, w))
+        img = grey[i, t:b, left:r].astype(np.float32) / 255.0
+        cam, _ = predictor.explain(
+            ScanImage(pixels=img, format="CT", mode="HU", path=Path(volume.names[i])), result.positive_class
+        )
+        if cam.shape != img.shape:  # maps are made at most 1,024 px on the longer side
+            from PIL import Image
+
+            cam = np.asarray(Image.fromarray(cam.astype(np.float32)).resize((img.shape[1], img.shape[0]), Image.BILINEAR))
+        heat[i, t:b, left:r] = cam
+    paths = (out / "lung_window.nii.gz", out / "heatmap.nii.gz")
+    nib.save(volume.to_nifti(grey), paths[0])
+    nib.save(volume.to_nifti(heat), paths[1])
+    return paths
 
 
 def find_studies(paths) -> tuple[list[Path], list[Path]]:

@@ -55,6 +55,16 @@ class Volume:
     source: str
     gaps: list[tuple[int, float]] = field(default_factory=list)
     meta: dict = field(default_factory=dict)
+    #: 4 x 4, voxel (column, row, slice) -> RAS millimetres (NIfTI's convention): the geometry of the input, so a
+    #: volume written with it (covidscan.study.write_volumes) opens over the scan in 3D Slicer or ITK-SNAP
+    affine: np.ndarray | None = None
+
+    def to_nifti(self, array: np.ndarray):
+        """A ``Z x H x W`` array of this volume's geometry as a NIfTI image (nibabel), axes (column, row, slice)."""
+        import nibabel as nib
+
+        affine = self.affine if self.affine is not None else np.diag([self.spacing[2], self.spacing[1], self.spacing[0], 1.0])
+        return nib.Nifti1Image(np.ascontiguousarray(np.transpose(array, (2, 1, 0))), affine)
 
     @property
     def n_slices(self) -> int:
@@ -211,6 +221,19 @@ def _slice_normal(ds) -> np.ndarray | None:
     return n / (np.linalg.norm(n) or 1.0)
 
 
+def dicom_affine(first, pixel_spacing: list[float], step: float) -> np.ndarray | None:
+    """Voxel (column, row, slice) -> RAS mm from the first slice's ImagePositionPatient / ImageOrientationPatient,
+    PixelSpacing (row, column) and the slice step along the normal; None without orientation or position."""
+    iop, ipp = getattr(first, "ImageOrientationPatient", None), getattr(first, "ImagePositionPatient", None)
+    if iop is None or ipp is None or len(iop) != 6 or len(ipp) != 3:
+        return None
+    x, y = np.asarray(iop[:3], float), np.asarray(iop[3:], float)  # along a row (columns grow), down a column
+    n = np.cross(x, y)
+    lps = np.eye(4)
+    lps[:3, 0], lps[:3, 1], lps[:3, 2], lps[:3, 3] = x * pixel_spacing[1], y * pixel_spacing[0], n * step, np.asarray(ipp, float)
+    return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
+
+
 def series_from_files(items, study: str) -> Volume:
     """``[(name, path or file-like), ...]`` of one DICOM series -> :class:`Volume`."""
     from pydicom.pixels import apply_modality_lut
@@ -293,7 +316,9 @@ def series_from_files(items, study: str) -> Volume:
     }
     meta["sorted_by"] = how
     meta["transfer_syntax"] = str(getattr(getattr(first, "file_meta", None), "TransferSyntaxUID", ""))
-    return Volume(hu, (step, ps[0], ps[1]), positions, [headers[i][0] for i in order], study, gaps, meta)
+    return Volume(
+        hu, (step, ps[0], ps[1]), positions, [headers[i][0] for i in order], study, gaps, meta, dicom_affine(first, ps, step)
+    )
 
 
 def read_nifti(path) -> Volume:
@@ -323,4 +348,8 @@ def read_nifti(path) -> Volume:
     # row 0 anterior, column 0 the patient's right (both axes flipped)
     hu = np.ascontiguousarray(np.transpose(data, (2, 1, 0))[:, ::-1, ::-1])
     positions = np.arange(hu.shape[0]) * zooms[2]
-    return Volume(hu, (zooms[2], zooms[1], zooms[0]), positions, [f"slice {i}" for i in range(hu.shape[0])], str(path), [], {})
+    # hu[z, r, c] = canonical[X-1-c, Y-1-r, z]: voxel (c, r, z) -> canonical voxel -> RAS
+    nx, ny = data.shape[0], data.shape[1]
+    flip = np.array([[-1.0, 0, 0, nx - 1], [0, -1.0, 0, ny - 1], [0, 0, 1.0, 0], [0, 0, 0, 1.0]])
+    names = [f"slice {i}" for i in range(hu.shape[0])]
+    return Volume(hu, (zooms[2], zooms[1], zooms[0]), positions, names, str(path), [], {}, np.asarray(img.affine) @ flip)
