@@ -183,3 +183,55 @@ def test_report_html_fits_a_phone(trained_run, tmp_path):
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "report_mobile.png"), full_page=True)
         browser.close()
+
+
+def test_ct_study_card_has_a_slice_viewer(tmp_path):
+    """A CT model's page: a zipped series uploaded gives a study card whose slider walks the lung slices, each with
+    its probability and heat map, and whose buttons jump to the highest-scoring ones."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.fail("Debian's chromium is not installed and could not be installed (run as root: apt-get install -y chromium)")
+    import io
+    import zipfile
+
+    from playwright.sync_api import sync_playwright
+
+    from covidscan.inference import Predictor
+    from covidscan.serve import create_app
+    from covidscan.serve.background import serve_in_background
+    from covidscan.training import train
+    from tests.conftest import make_folder_dataset, tiny_config
+    from tests.test_volumes import phantom, write_series
+
+    data = make_folder_dataset(tmp_path / "ct", classes=("covid", "normal"), per_class=6, size=48)
+    ckpt = train(tiny_config(data={"task": "ct"}, train={"epochs": 1}), data, tmp_path / "run").best_checkpoint
+    write_series(tmp_path / "s", phantom(7, size=64))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        for f in sorted((tmp_path / "s").iterdir()):
+            zf.write(f, f.name)
+    (tmp_path / "study.zip").write_bytes(buf.getvalue())
+    with serve_in_background(create_app(Predictor.from_checkpoint(ckpt, device="cpu"))) as url, sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 1000})
+        page.goto(url + "/")
+        page.set_input_files("#file", str(tmp_path / "study.zip"))
+        page.click("#submit")
+        page.wait_for_selector(".card.study .viewer", timeout=90_000)
+        label = page.locator(".viewer .slice-label")
+        first = label.inner_text()
+        assert "p(covid) =" in first and "of 7 lung slices" in first
+        page.locator(".viewer .slice-slider").fill("0")
+        assert label.inner_text() != first or first.endswith("1 of 7 lung slices")
+        assert page.locator(".viewer .jumps button").count() == 5
+        page.locator(".viewer .jumps button").nth(1).click()
+        assert page.evaluate("document.querySelector('.viewer img.cam').naturalWidth") > 10
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "page_ct_study.png"), full_page=True)
+        phone = browser.new_page(viewport={"width": 390, "height": 844})
+        phone.goto(url + "/")
+        phone.set_input_files("#file", str(tmp_path / "study.zip"))
+        phone.click("#submit")
+        phone.wait_for_selector(".card.study .viewer", timeout=90_000)
+        assert phone.evaluate("document.documentElement.scrollWidth") <= 390
+        browser.close()

@@ -245,12 +245,17 @@ def plot_study(result: StudyResult, dest) -> None:
     import matplotlib.pyplot as plt
 
     s = result.scored
-    fig, ax = plt.subplots(figsize=(7, 3))
+    # a small canvas with large type: the page shows it at phone width too (390 px) and it stays readable
+    fig, ax = plt.subplots(figsize=(5, 2.8))
     ax.plot([r["position_mm"] for r in s], [r["probability"] for r in s], "o-", ms=3)
-    ax.axhline(result.probability, color="tab:red", ls="--", label=f"study {result.rule}: {result.probability:.2f}")
-    ax.set(xlabel="slice position along the body axis (mm, feet -> head)", ylabel=f"p({result.positive_class})", ylim=(0, 1))
-    ax.set_title(Path(result.study).name, fontsize=9)
-    ax.legend(fontsize=8)
+    if s and result.probability == result.probability:
+        ax.axhline(result.probability, color="tab:red", ls="--", label=f"study ({result.rule}): {result.probability:.2f}")
+        ax.legend(fontsize=10)
+    ax.set_ylim(0, 1)
+    ax.set_xlabel("slice position, feet -> head (mm)", fontsize=11)
+    ax.set_ylabel(f"p({result.positive_class})", fontsize=11)
+    ax.tick_params(labelsize=10)
+    ax.set_title(Path(result.study).name, fontsize=11)
     fig.tight_layout()
     fig.savefig(dest, dpi=110, format="png")
     plt.close(fig)
@@ -294,6 +299,21 @@ def write_study(result: StudyResult, out, *, predictor=None, volume: Volume | No
         plt.close(fig)
         write_volumes(result, out, predictor, volume)
     return out
+
+
+def slice_views(predictor, result: StudyResult, volume: Volume, *, heatmaps: bool = True) -> list[dict]:
+    """Every scored slice as the model saw it, for review: ``index``, ``position_mm``, ``probability``, ``image``
+    (``H x W`` float in [0, 1], the lung window) and, with ``heatmaps``, ``cam`` (Grad-CAM of the positive class)."""
+    cfg = study_config(predictor)
+    scans = slice_scans(volume, cfg)[2]
+    views = []
+    for r in result.scored:
+        scan = scans[r["index"]]
+        view = {"index": r["index"], "position_mm": r["position_mm"], "probability": r["probability"], "image": scan.pixels}
+        if heatmaps:
+            view["cam"] = predictor.explain(scan, result.positive_class)[0]
+        views.append(view)
+    return views
 
 
 def write_volumes(result: StudyResult, out, predictor, volume: Volume) -> tuple[Path, Path]:

@@ -138,11 +138,17 @@ async def _heatmap(predictor, scan, result: dict, target: str | None, force: boo
 
 
 @router.post("/predict_study")
-async def predict_study_endpoint(file: UploadFile = File(...), svc: Service = Depends(admitted)) -> dict:
+async def predict_study_endpoint(
+    file: UploadFile = File(...),
+    slices: bool = Query(False, description="add every scored slice (lung window, PNG) for review"),
+    heatmaps: bool = Query(True, description="with slices: each slice's Grad-CAM map too"),
+    svc: Service = Depends(admitted),
+) -> dict:
     """A CT study: a zip of one DICOM series or a .nii / .nii.gz file -> one patient result, per-slice
-    probabilities and a plot of them along the body axis (PNG, base64)."""
+    probabilities and a plot of them along the body axis (PNG, base64); with ``slices=true`` also every scored
+    slice as the model saw it, with its probability and heat map (the page's slice viewer)."""
     from covidscan.data.volume import VolumeError, read_volume_bytes
-    from covidscan.study import plot_study, predict_study
+    from covidscan.study import plot_study, predict_study, slice_views
 
     p = svc.predictor
     if p.task != "ct":
@@ -156,4 +162,12 @@ async def predict_study_endpoint(file: UploadFile = File(...), svc: Service = De
         raise HTTPException(415, str(exc)) from None
     buf = io.BytesIO()
     await run_in_threadpool(plot_study, res, buf)
-    return {**res.to_dict(), "slices": res.slices, "plot_png_base64": base64.b64encode(buf.getvalue()).decode()}
+    out = {**res.to_dict(), "slices": res.slices, "plot_png_base64": base64.b64encode(buf.getvalue()).decode()}
+    if slices:
+        views = await run_in_threadpool(slice_views, p, res, vol, heatmaps=heatmaps)
+        out["slice_views"] = [
+            {"index": v["index"], "position_mm": v["position_mm"], "probability": v["probability"],
+             "png_base64": gray_png(v["image"]), **({"map_png_base64": map_png(v["cam"])} if "cam" in v else {})}
+            for v in views
+        ]  # fmt: skip
+    return out
