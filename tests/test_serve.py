@@ -118,3 +118,30 @@ def test_serve_refuses_settings_that_refuse_everything_or_expose_it(trained_run,
     assert main(["serve", "--checkpoint", str(trained_run[0].best_checkpoint), *args]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_typed_responses_and_a_batch_endpoint(predictor, trained_run):
+    from fastapi.testclient import TestClient
+
+    from covidscan.serve import create_app
+
+    client = TestClient(create_app(predictor))
+    schema = client.get("/openapi.json").json()
+    ok = schema["paths"]["/predict"]["post"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ok == {"$ref": "#/components/schemas/Prediction"}  # typed, not an untyped object
+    for name in ("Prediction", "Study", "Batch", "ModelInfo", "Health", "Heatmap", "Decision"):
+        assert name in schema["components"]["schemas"], name
+    assert "out_of_distribution" in schema["components"]["schemas"]["Prediction"]["required"]
+    _, data = trained_run
+    good = sorted((data / "normal").glob("*.png"))[:2]
+    files = [("files", (good[0].name, good[0].read_bytes(), "image/png")), ("files", ("bad.png", b"not an image", "image/png")),
+             ("files", (good[1].name, good[1].read_bytes(), "image/png"))]  # fmt: skip
+    r = client.post("/predict_batch", files=files)
+    assert r.status_code == 200, r.text
+    res = r.json()["results"]
+    assert [x["source"] for x in res] == [good[0].name, "bad.png", good[1].name]
+    assert "error" in res[1] and "not a readable" in res[1]["error"] and "Error" not in res[1]["error"]
+    single = client.post("/predict", files={"file": (good[0].name, good[0].read_bytes(), "image/png")}).json()
+    assert res[0]["probabilities"] == pytest.approx(single["probabilities"])
+    too_many = [("files", (f"{k}.png", good[0].read_bytes(), "image/png")) for k in range(17)]
+    assert client.post("/predict_batch", files=too_many).status_code == 413

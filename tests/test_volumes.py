@@ -299,7 +299,7 @@ def test_service_scores_a_zipped_study(tmp_path, tiny_ct_predictor):
     assert body["n_slices"] == 5 and len(body["slices"]) == 5 and body["label"] in ("covid", "normal")
     scored = [s["probability"] for s in body["slices"] if s["scored"]]
     assert body["probability"] == pytest.approx(aggregate(scored, "topk", 0.25))
-    assert len(body["plot_png_base64"]) > 1000 and "slice_views" not in body
+    assert len(body["plot_png_base64"]) > 1000 and body["slice_views"] is None
     r = client.post("/predict_study?slices=true", files={"file": ("study.zip", buf.getvalue(), "application/zip")})
     views = r.json()["slice_views"]
     assert [v["index"] for v in views] == [s["index"] for s in body["slices"] if s["scored"]]
@@ -340,7 +340,7 @@ def test_cli_stats_and_predict_on_studies(tmp_path, tiny_ct_checkpoint, capsys):
     rows = list(csv.DictReader(open(tmp_path / "o" / "good" / "slices.csv")))
     assert row["probability"] == pytest.approx(max(float(r["probability"]) for r in rows if r["scored"] == "True"))
     assert main(["predict", "--checkpoint", str(tiny_ct_checkpoint), good, "--study", "rule=median"]) == 2
-    assert "rule topk|mean|max|noisy_or" in capsys.readouterr().err
+    assert "study.rule='median'; choose topk | mean | max | noisy_or" in capsys.readouterr().err
 
 
 def test_studies_need_a_ct_model(tmp_path, trained_run, capsys):

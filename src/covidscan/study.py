@@ -139,7 +139,8 @@ class StudyResult:
 
     def to_dict(self) -> dict:
         return {
-            "study": self.study, "probability": self.probability, "label": self.label,
+            "study": self.study, "probability": None if self.probability != self.probability else self.probability,
+            "label": self.label,
             "positive_class": self.positive_class, "rule": self.rule, "n_slices": len(self.slices),
             "n_scored": len(self.scored), "volume": self.summary, "warnings": self.warnings, "spread": self.spread,
         }  # fmt: skip

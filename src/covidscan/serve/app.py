@@ -15,7 +15,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from covidscan.serve.middleware import BodyLimit, HostGuard, SecurityHeaders, StallGuard, TokenGuard
-from covidscan.serve.routes import Service, router
+from covidscan.serve.routes import MAX_BATCH, Service, router
 
 DEFAULT_MAX_UPLOAD = 20 * 1024 * 1024  # bytes
 DEFAULT_MAX_STUDY = 300 * 1024 * 1024  # a zipped CT series (also the limit on its uncompressed size x 3)
@@ -56,7 +56,10 @@ def create_app(
         files("covidscan.serve").joinpath("index.html").read_text("utf-8"),
     )
     app.include_router(router)
-    limits = {"/predict_study": max_study_bytes + MULTIPART_SLACK}
+    limits = {
+        "/predict_study": max_study_bytes + MULTIPART_SLACK,
+        "/predict_batch": MAX_BATCH * (max_upload_bytes + MULTIPART_SLACK),
+    }
     app.add_middleware(BodyLimit, max_bytes=max_upload_bytes + MULTIPART_SLACK, path_limits=limits)
     app.add_middleware(StallGuard, timeout=body_timeout)
     if token:

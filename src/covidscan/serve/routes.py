@@ -15,6 +15,7 @@ from fastapi.responses import HTMLResponse
 
 from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.explain import METHOD_NAMES, low_probability_warning
+from covidscan.serve import schemas
 from covidscan.serve.pngs import gray_png, map_png, overlay_png
 
 router = APIRouter()
@@ -57,7 +58,7 @@ async def read_upload(file: UploadFile, limit: int) -> bytes:
     return data
 
 
-@router.get("/health")
+@router.get("/health", response_model=schemas.Health)
 def health(svc: Service = Depends(service)) -> dict:
     p = svc.predictor
     return {
@@ -69,7 +70,7 @@ def health(svc: Service = Depends(service)) -> dict:
     }
 
 
-@router.get("/model")
+@router.get("/model", response_model=schemas.ModelInfo)
 def model_info(svc: Service = Depends(service)) -> dict:
     """What the page shows about the model: task, classes, architecture, weights, training data, validation
     metrics and the calibrated threshold (all from the checkpoint)."""
@@ -90,7 +91,7 @@ def index(svc: Service = Depends(service)) -> str:
     return svc.page.replace("{{TASK}}", html.escape(p.task)).replace("{{CLASSES}}", html.escape(", ".join(p.class_names)))
 
 
-@router.post("/predict")
+@router.post("/predict", response_model=schemas.Prediction)
 async def predict(
     file: UploadFile = File(...),
     heatmap: bool = Query(False),
@@ -109,15 +110,45 @@ async def predict(
     name = file.filename or "upload"
     try:
         scan = await run_in_threadpool(read_bytes, data, name)
-    except ImageReadError as exc:  # one plain sentence: the decoder's own exception names stay in the log
-        reason = "" if exc.cause.startswith(("not a readable", "cannot decode")) else f": {exc.cause}"
-        raise HTTPException(415, f"{name}: not a readable PNG, JPEG or DICOM image{reason}") from None
+    except ImageReadError as exc:
+        raise HTTPException(415, plain_error(name, exc)) from None
     result = (await run_in_threadpool(p.predict_scan, scan, name)).to_dict()
     if heatmap:
         result["heatmap"] = await _heatmap(p, scan, result, target, force_heatmap, method)
     if heatmap or preview:
         result["original_png_base64"] = await run_in_threadpool(gray_png, scan.pixels)  # DICOM too
     return result
+
+
+def plain_error(name: str, exc: ImageReadError) -> str:
+    """One plain sentence for a file that could not be read (the decoder's own exception names stay in the log)."""
+    reason = "" if exc.cause.startswith(("not a readable", "cannot decode")) else f": {exc.cause}"
+    return f"{name}: not a readable PNG, JPEG or DICOM image{reason}"
+
+
+MAX_BATCH = 16  # files in one /predict_batch request
+
+
+@router.post("/predict_batch", response_model=schemas.Batch)
+async def predict_batch(files: list[UploadFile] = File(...), svc: Service = Depends(admitted)) -> dict:
+    """Several scans in one request (at most 16, each within the upload limit): one result per file in upload
+    order; a file that cannot be read gets ``{"source", "error"}`` and the others are still scored."""
+    if len(files) > MAX_BATCH:
+        raise HTTPException(413, f"{len(files)} files: at most {MAX_BATCH} per request")
+    p, results = svc.predictor, []
+    for f in files:
+        name = f.filename or "upload"
+        data = await f.read(svc.max_upload_bytes + 1)
+        if len(data) > svc.max_upload_bytes or not data:
+            results.append({"source": name, "error": f"{name}: {'empty' if not data else 'over the upload limit'}"})
+            continue
+        try:
+            scan = await run_in_threadpool(read_bytes, data, name)
+        except ImageReadError as exc:
+            results.append({"source": name, "error": plain_error(name, exc)})
+            continue
+        results.append((await run_in_threadpool(p.predict_scan, scan, name)).to_dict())
+    return {"results": results}
 
 
 async def _heatmap(predictor, scan, result: dict, target: str | None, force: bool, method: str = "gradcam") -> dict:
@@ -137,7 +168,7 @@ async def _heatmap(predictor, scan, result: dict, target: str | None, force: boo
     }  # fmt: skip
 
 
-@router.post("/predict_study")
+@router.post("/predict_study", response_model=schemas.Study)
 async def predict_study_endpoint(
     file: UploadFile = File(...),
     slices: bool = Query(False, description="add every scored slice (lung window, PNG) for review"),
