@@ -306,7 +306,7 @@ def test_service_scores_a_zipped_study(tmp_path, tiny_ct_predictor):
     assert [v["probability"] for v in views] == pytest.approx(scored)
     assert all(len(v["png_base64"]) > 100 and len(v["map_png_base64"]) > 100 for v in views)
     r = client.post("/predict_study?slices=true&heatmaps=false", files={"file": ("study.zip", buf.getvalue(), "application/zip")})
-    assert all("map_png_base64" not in v for v in r.json()["slice_views"])
+    assert all(v["map_png_base64"] is None for v in r.json()["slice_views"])
     r = client.post("/predict_study", files={"file": ("notes.txt", b"hello", "text/plain")})
     assert r.status_code == 415 and "not a CT study upload" in r.json()["detail"]
     big = b"PK\x03\x04" + b"\0" * 2_100_000
