@@ -271,3 +271,11 @@ def test_summary_totals_are_complete_for_every_backbone(backbone):
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
     assert params == total and gmacs == pytest.approx(macs / 1e9, abs=1e-3) and macs > 1e7
     assert macs > sum(c.weight.numel() for c in convs)  # every convolution counted at least once per output pixel
+
+
+def test_every_command_and_argument_says_what_it_is_with_an_example():
+    parser = build_parser()
+    for name, sp in parser._subparsers._group_actions[0].choices.items():  # noqa: SLF001
+        missing = [a.dest for a in sp._actions if a.dest != "help" and not a.help]  # noqa: SLF001
+        assert missing == [], f"{name}: arguments without help: {missing}"
+        assert "Example: covidscan " in (sp.description or ""), f"{name}: no example in --help"

@@ -128,7 +128,7 @@ def register(sub) -> None:
     p.add_argument("--out", type=Path, required=True, help="split CSV to write")
     p.add_argument("--test", type=float, default=0.2, help="fraction of images (whole groups) for test")
     p.add_argument("--val", type=float, default=0.1, help="fraction for validation")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed of the split (default 0)")
     p.add_argument(
         "--protocol",
         choices=["grouped", "paper"],

@@ -83,7 +83,7 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="ONNX export, checked against PyTorch with onnxruntime")
     common.add_checkpoint(p)
     p.add_argument("--onnx", type=Path, required=True, help="ONNX file to write")
-    p.add_argument("--opset", type=int, default=17)
+    p.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("ensemble", help="average several checkpoints' probabilities; writes one checkpoint")

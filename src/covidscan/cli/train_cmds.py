@@ -172,8 +172,8 @@ def register(sub) -> None:
     p = sub.add_parser("lungs", help="train the lung segmentation U-Net on images with masks (xray-lungs)")
     common.add_data(p, positional=False, help_extra=" with a mask column")
     common.add_out(p, "folder for lungseg_unet128.pt and lungseg.json")
-    p.add_argument("--epochs", type=int, default=40)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--epochs", type=int, default=40, help="training epochs of the U-Net (default 40)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the held-out split and the initial weights (default 0)")
     common.add_quiet(p)
     p.set_defaults(func=cmd_lungs)
 
@@ -198,7 +198,7 @@ def register(sub) -> None:
     common.add_config(p)
     common.add_set(p)
     p.add_argument("--n", type=int, default=4, help="scans (rows); each row shows the original and 5 augmentations")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="which scans are drawn and how they are augmented (default 0)")
     common.add_task(p)
     p.set_defaults(func=cmd_augment_preview)
 
@@ -251,8 +251,17 @@ def register(sub) -> None:
     p.add_argument("--epochs", type=int, help="override the recipes' 50 epochs")
     p.add_argument("--early-stopping", type=int, help="patience in epochs (0 = off)")
     p.add_argument("--configs", type=Path, default=Path("configs"), help="folder of the paper recipes")
-    p.add_argument("--models", nargs="+", choices=list(PAPER_MODELS), default=list(PAPER_MODELS))
-    p.add_argument("--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS))
+    p.add_argument(
+        "--models",
+        nargs="+",
+        choices=list(PAPER_MODELS),
+        default=list(PAPER_MODELS),
+        help="the paper's models to run (default all three)",
+    )
+    p.add_argument(
+        "--protocols", nargs="+", choices=list(PROTOCOLS), default=list(PROTOCOLS),
+        help="paper: its image-level 80/20 split; grouped: covidscan's patient-grouped split (default both)",
+    )  # fmt: skip
     common.add_set(p)
     common.add_bootstrap(p, 1000)
     common.add_quiet(p)
