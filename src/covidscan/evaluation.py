@@ -9,6 +9,7 @@ metrics (``null`` in ``metrics.json``). Prediction itself is :mod:`covidscan.pre
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +59,7 @@ def evaluate(
     grid: int = 0,
     n_boot: int = 1000,
     device: str = "auto",
-    progress: bool = False,
+    progress: bool | None = None,
     seed: int = 0,
     tta: bool = False,
     grid_errors_first: bool = True,
@@ -68,6 +69,8 @@ def evaluate(
     ``tta``: average each image's probabilities with its mirror image's; ``grid``: that many test scans drawn,
     mistakes first (``grid_errors_first=False``: at random, as the paper's figure); ``by``: manifest fields
     (``source``, or a column / ``source_label`` entry such as ``view``) to report subgroups by."""
+    if progress is None:  # the Python API: bars when someone is watching a terminal
+        progress = sys.stderr.isatty()
     checkpoint = Path(checkpoint)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
@@ -87,6 +90,7 @@ def evaluate(
         checkpoint=checkpoint,
         n_boot=n_boot,
         seed=seed,
+        progress=progress,
     )
     result.overlap = ov.to_dict()
     if by:
@@ -124,7 +128,14 @@ def subgroups(preds: Predictions, meta: CheckpointMeta, field: str) -> list[dict
 
 
 def summarise(
-    preds: Predictions, meta: CheckpointMeta, where: str, *, checkpoint=None, n_boot: int = 1000, seed: int = 0
+    preds: Predictions,
+    meta: CheckpointMeta,
+    where: str,
+    *,
+    checkpoint=None,
+    n_boot: int = 1000,
+    seed: int = 0,
+    progress: bool = False,
 ) -> EvaluationResult:
     """Point metrics, group-bootstrap intervals and calibration of ``preds``."""
     names = list(meta.class_names)
@@ -132,7 +143,8 @@ def summarise(
     grouping = index.grouping
     groups = [r.group for r in index.records] if grouping != "image" else None
     point = compute_metrics(preds.y, preds.probs)
-    ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot, seed=seed) if n_boot else {}
+    logger.info("bootstrap: %d resamples of %s for the 95%% intervals", n_boot, "patient groups" if groups else "images")
+    ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot, seed=seed, progress=progress) if n_boot else {}
     ece, reliability = expected_calibration_error(preds.y, preds.probs)
     points = None
     if POSITIVE_CLASS in names:

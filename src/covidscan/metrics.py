@@ -94,7 +94,7 @@ def _flatten(m: dict) -> dict[str, float]:
 
 
 def bootstrap_ci(
-    y, probs, groups=None, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0
+    y, probs, groups=None, *, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0, progress: bool = False
 ) -> dict[str, tuple[float, float]]:
     """Percentile intervals for every metric of :func:`compute_metrics` (flattened keys).
 
@@ -106,7 +106,9 @@ def bootstrap_ci(
     units = resampling_units(groups, len(y))
     k = len(units)
     samples: dict[str, list[float]] = {}
-    for _ in range(n_boot):
+    from tqdm.auto import tqdm
+
+    for _ in tqdm(range(n_boot), desc="bootstrap", unit="resample", leave=False, disable=not progress):
         pick = rng.integers(0, k, k)
         idx = np.concatenate([units[j] for j in pick])
         for key, v in _flatten(compute_metrics(y[idx], probs[idx])).items():

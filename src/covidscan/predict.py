@@ -32,15 +32,18 @@ logger = logging.getLogger(__name__)
 
 @torch.no_grad()
 def predict_loader(
-    model, loader, device, autocast=nullcontext, pre: Preprocess | None = None, *, tta: bool = False
+    model, loader, device, autocast=nullcontext, pre: Preprocess | None = None, *, tta: bool = False, progress: bool = False
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
     """Whole-split softmax probabilities ``N x C``, labels, dataset indices and mean cross-entropy.
 
-    ``tta``: test-time augmentation, the mean of the probabilities of each image and its mirror image.
+    ``tta``: test-time augmentation, the mean of the probabilities of each image and its mirror image;
+    ``progress``: a bar over the batches.
     """
+    from tqdm.auto import tqdm
+
     model.eval()
     probs, labels, idx, loss_sum = [], [], [], 0.0
-    for batch in loader:
+    for batch in tqdm(loader, desc="predict", unit="batch", leave=False, disable=not progress):
         x = model_input(batch["image"], pre, device)
         y = batch["label"].to(device)
         with autocast():
@@ -87,7 +90,7 @@ def predict_index(
     ds = ScanDataset(store, list(range(len(index))), targets, pre)
     loader = scan_loader(ds, batch_size=batch_size, shuffle=False)
     model.to(dev)
-    probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre, tta=tta)
+    probs, y, idx, _ = predict_loader(model, loader, dev, pre=pre, tta=tta, progress=progress)
     kept = index.subset(idx.tolist())
     return Predictions(kept, probs, y, store.skipped, rows=idx)
 
@@ -118,7 +121,7 @@ def overlap_preds(
     ov, seen = store_overlap(provenance, store)
     if not ov.external:
         logger.warning("%s", ov.line())
-    preds = predict_index(model, meta, index, device=device, store=store, tta=tta)
+    preds = predict_index(model, meta, index, device=device, store=store, tta=tta, progress=progress)
     preds.seen = [seen.get(int(r), "") for r in preds.rows]
     return preds, ov
 
