@@ -153,6 +153,7 @@ def test_pixel_limit_checked_from_the_header_for_every_format(tmp_path, monkeypa
     with pytest.raises(ImageReadError, match="too large: 10000 x 10000"):
         read_image(tmp_path / "huge.dcm")
     monkeypatch.setenv("COVIDSCAN_MAX_PIXELS", "40000000")
+    monkeypatch.setenv("COVIDSCAN_MAX_IMAGE_MB", "200")  # and the memory budget (144 MB as float32)
     assert read_bytes(bomb, name="bomb.png").width == 6000  # the limit is configurable
 
 

@@ -38,6 +38,11 @@ def test_int8_weights_move_at_most_half_a_step_and_keep_the_rest():
         step = state[k].abs().amax(dim=tuple(range(1, state[k].ndim)), keepdim=True) / 127
         assert ((back[k] - state[k]).abs() <= step / 2 + 1e-7).all()
     assert torch.equal(back["bn.num_batches_tracked"], state["bn.num_batches_tracked"])
+    mixed = quantize(state, min_numel=100)  # the compact files' rule: small layers in float16, large in int8
+    assert mixed["conv.weight"].dtype == torch.int8 and mixed["fc.weight"].dtype == torch.float16
+    assert mixed["bn.running_mean"].dtype == torch.float16 and mixed["bn.num_batches_tracked"].dtype == torch.int64
+    back = dequantize(mixed)
+    assert back["fc.weight"].dtype == torch.float32 and torch.equal(back["fc.weight"], state["fc.weight"].half().float())
 
 
 def test_zoo_pipeline_rehearsed_on_cpu(tmp_path, monkeypatch, capsys):
