@@ -21,7 +21,8 @@ import numpy as np
 
 from covidscan.data.volume import Volume, read_volume
 from covidscan.inference import Predictor
-from covidscan.study import aggregate, evaluate_studies, predict_study, study_config
+from covidscan.study import aggregate, predict_study, study_config
+from covidscan.study_files import evaluate_studies
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "ct-volumes"
 WINDOWS = [(-600, 1500), (-650, 1500), (-500, 1500), (-600, 1200), (-700, 1800), (-400, 1500)]

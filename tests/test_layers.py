@@ -29,6 +29,7 @@ LAYERS = [
             "adapt",
             "export",
             "study",
+            "study_files",
             "ensemble",
             "probe",
             "card",

@@ -241,7 +241,8 @@ def test_aggregation_rules_on_given_scores():
 
 
 def test_study_on_a_phantom_with_a_tiny_model(tmp_path, tiny_ct_predictor):
-    from covidscan.study import predict_study, write_study
+    from covidscan.study import predict_study
+    from covidscan.study_files import write_study
 
     hu = phantom(8, size=64)
     hu[0] = -1000  # a slice outside the body: not scored
@@ -500,7 +501,8 @@ def test_study_volumes_lie_on_the_input_geometry(tmp_path, tiny_ct_predictor, ki
     that voxel's HU in the lung window (so both open over the scan in a viewer); scored slices carry a heat map."""
     import nibabel as nib
 
-    from covidscan.study import predict_study, window, write_study
+    from covidscan.study import predict_study, window
+    from covidscan.study_files import write_study
 
     hu = phantom(6, size=40)
     hu[:, 5:9, 30:34] = 300  # an asymmetric mark: flips and transposes would move it

@@ -39,7 +39,8 @@ def cmd_evaluate(args) -> int:
 
 def _evaluate_studies(args, data) -> int:
     from covidscan.inference import Predictor
-    from covidscan.study import evaluate_studies, studies_markdown, study_config
+    from covidscan.study import study_config
+    from covidscan.study_files import evaluate_studies, studies_markdown
 
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device, tta=args.tta)
     summary = evaluate_studies(predictor, data, args.out, cfg=study_config(predictor, args.study))

@@ -47,7 +47,8 @@ def predict_studies(predictor, studies: list[Path], args) -> tuple[list, int]:
     """CT studies (series folders, NIfTI, zip): a :class:`~covidscan.study.StudyResult` each; the per-study
     files with ``--study-out``. Returns the results and how many studies failed."""
     from covidscan.data.volume import VolumeError, read_volume
-    from covidscan.study import predict_study, study_config, write_study
+    from covidscan.study import predict_study, study_config
+    from covidscan.study_files import write_study
 
     cfg = study_config(predictor, args.study)
     results, outputs, failed = [], {}, 0

@@ -234,12 +234,10 @@ def dicom_affine(first, pixel_spacing: list[float], step: float) -> np.ndarray |
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # DICOM's LPS -> NIfTI's RAS
 
 
-def series_from_files(items, study: str) -> Volume:
-    """``[(name, path or file-like), ...]`` of one DICOM series -> :class:`Volume`."""
-    from pydicom.pixels import apply_modality_lut
-
-    from covidscan.data.budget import check_study
-    from covidscan.data.io import check_pixel_data_length, dicom_dataset
+def _dicom_headers(items, study: str) -> list:
+    """``[(name, dataset)]`` of the DICOM images among ``items`` (others skipped with a warning), checked to be
+    one series of at least two slices. Raises VolumeError."""
+    from covidscan.data.io import dicom_dataset
     from covidscan.errors import ImageReadError
 
     headers, skipped = [], []
@@ -266,6 +264,18 @@ def series_from_files(items, study: str) -> Volume:
         )
     if len(headers) < 2:
         raise VolumeError(study, "a single slice is not a volume (read it as an image instead)")
+    return headers
+
+
+def series_from_files(items, study: str) -> Volume:
+    """``[(name, path or file-like), ...]`` of one DICOM series -> :class:`Volume`."""
+    from pydicom.pixels import apply_modality_lut
+
+    from covidscan.data.budget import check_study
+    from covidscan.data.io import check_pixel_data_length
+    from covidscan.errors import ImageReadError
+
+    headers = _dicom_headers(items, study)
     normal = _slice_normal(headers[0][1])
     if normal is not None and all("ImagePositionPatient" in ds for _, ds in headers):
         pos = [float(np.dot(normal, np.asarray(ds.ImagePositionPatient, float))) for _, ds in headers]

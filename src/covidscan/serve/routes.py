@@ -13,9 +13,9 @@ from fastapi import APIRouter, Depends, File, HTTPException, Query, Request, Upl
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse
 
+import covidscan.serve.schemas as schemas
 from covidscan.data.io import ImageReadError, read_bytes
 from covidscan.explain import METHOD_NAMES, low_probability_warning
-from covidscan.serve import schemas
 from covidscan.serve.pngs import gray_png, map_png, overlay_png
 
 router = APIRouter()
@@ -179,7 +179,8 @@ async def predict_study_endpoint(
     probabilities and a plot of them along the body axis (PNG, base64); with ``slices=true`` also every scored
     slice as the model saw it, with its probability and heat map (the page's slice viewer)."""
     from covidscan.data.volume import VolumeError, read_volume_bytes
-    from covidscan.study import plot_study, predict_study, slice_views
+    from covidscan.study import predict_study, slice_views
+    from covidscan.study_files import plot_study
 
     p = svc.predictor
     if p.task != "ct":

@@ -224,6 +224,26 @@ def _val_loader(cfg: Config, data: TrainData, fit: Fitting, device):
     )  # fmt: skip
 
 
+def step_hook(cfg: Config, epoch: int, model, fit: Fitting, run: RunContext, keeper: CheckpointKeeper, per_epoch: int):
+    """What happens after each optimizer step, or None when nothing does: the weight average (``train.swa_start``),
+    a step checkpoint every ``train.checkpoint_every`` steps, the running loss and learning rate in TensorBoard."""
+    every, averaging = cfg.train.checkpoint_every, fit.swa is not None and epoch >= cfg.train.swa_start
+    if not (averaging or every or fit.writer is not None):
+        return None
+
+    def on_step(p: EpochProgress) -> None:
+        if averaging:
+            fit.swa.update_parameters(model)
+        if every and run.is_main and p.step % every == 0:
+            keeper.save_step(epoch, p, model, fit.optimizer)
+        if fit.writer is not None:
+            step = (epoch - 1) * per_epoch + p.step
+            fit.writer.add_scalar("step/train_loss_running", p.loss_sum / max(p.seen, 1), step)
+            fit.writer.add_scalar("step/lr", fit.optimizer.param_groups[0]["lr"], step)
+
+    return on_step
+
+
 def run_epoch(
     cfg: Config, epoch: int, model, fit: Fitting, data: TrainData, run: RunContext, keeper: CheckpointKeeper, *,
     progress: bool, resume: dict | None = None,
@@ -265,25 +285,13 @@ def run_epoch(
         if progress and run.is_main
         else None
     )
-    every, averaging = cfg.train.checkpoint_every, fit.swa is not None and epoch >= cfg.train.swa_start
-
     per_epoch = -(-len(order) // bs) if not drop_last else len(order) // bs
-
-    def on_step(p: EpochProgress) -> None:
-        if averaging:
-            fit.swa.update_parameters(model)
-        if every and run.is_main and p.step % every == 0:
-            keeper.save_step(epoch, p, model, fit.optimizer)
-        if fit.writer is not None:  # per step: the epoch's running loss and the learning rate
-            step = (epoch - 1) * per_epoch + p.step
-            fit.writer.add_scalar("step/train_loss_running", p.loss_sum / max(p.seen, 1), step)
-            fit.writer.add_scalar("step/lr", fit.optimizer.param_groups[0]["lr"], step)
-
+    on_step = step_hook(cfg, epoch, model, fit, run, keeper, per_epoch)
     with fit.net.join() if isinstance(fit.net, DDP) else nullcontext():  # processes may get one batch more or less
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-            progress=done, on_step=on_step if averaging or every or fit.writer is not None else None, mixup=cfg.train.mixup,
+            progress=done, on_step=on_step, mixup=cfg.train.mixup,
         )  # fmt: skip
     if bar is not None:
         bar.close()
