@@ -227,6 +227,17 @@ def test_recipes_load(recipe):
         assert (cfg.train.lr, cfg.train.epochs, cfg.data.image_size) == (1e-4, 50, 224)
 
 
+def test_ledger_variants_name_loadable_recipes():
+    """Every variant of the shipped ledger names a recipe that loads with its overrides (a typo'd key or a
+    moved recipe fails here, not after hours of training)."""
+    from covidscan.experiments.ledger import load_ledger
+
+    variants, ensembles = load_ledger(REPO / "experiments" / "ledger.yaml")
+    assert variants and ensembles
+    for v in variants.values():
+        load_config(REPO / v.config, v.set)
+
+
 def test_cli_train_and_resume(tmp_path, capsys):
     from covidscan.cli import main
 

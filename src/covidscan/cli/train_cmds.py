@@ -232,12 +232,12 @@ def register(sub) -> None:
 
     p = sub.add_parser(
         "ledger",
-        help="the experiment ledger (configs/ledger.yaml): list, run or report the leave-source-out variants measured",
+        help="the experiment ledger (experiments/ledger.yaml): list, run or report the leave-source-out variants measured",
         description="Example: covidscan ledger run rec_pbn --out runs/exp; covidscan ledger report zoo_xray --out runs/exp",
     )
     p.add_argument("action", choices=["list", "run", "report"], help="list the ledger, train variants, or pool them")
     p.add_argument("names", nargs="*", help="variants (run, report), runs or ensembles (report)")
-    p.add_argument("--ledger", type=Path, default=Path("configs/ledger.yaml"), help="ledger file (default configs/ledger.yaml)")
+    p.add_argument("--ledger", type=Path, default=Path("experiments/ledger.yaml"), help="ledger file (default experiments/ledger.yaml)")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="folder holding the yardsticks' datasets")
     p.add_argument("--out", type=Path, default=Path("runs/exp"), help="folder of the run folders (default runs/exp)")
     common.add_bootstrap(p, 500)

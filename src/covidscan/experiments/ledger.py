@@ -1,4 +1,4 @@
-"""The experiment ledger (``configs/ledger.yaml``): every leave-source-out variant measured, by name.
+"""The experiment ledger (``experiments/ledger.yaml``): every leave-source-out variant measured, by name.
 
     covidscan ledger list                                   # names, recipes, yardsticks, seeds
     covidscan ledger run rec_pbn incv3_plain --out runs/exp # train them (resumable: finished folds are kept)
