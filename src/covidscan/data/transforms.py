@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from covidscan.config import LUNG_OPTIONS
-from covidscan.data.hounsfield import window
+from covidscan.data.hounsfield import crop_to_body, window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 from covidscan.data.lungs import apply_lungs, crop_to_lungs
@@ -42,6 +42,7 @@ class Preprocess:
     equalize: histogram equalisation after resizing (contrast normalisation across sources).
     crop: fraction of width / height cut from each border before resizing (text, markers).
     lung_crop: crop to the box around the lung fields found by thresholding (covidscan.data.lungs).
+    body_crop: CT: crop an axial slice to the body (air, table and text around it cut; covidscan.data.hounsfield).
     lungs: the learned lung mask (covidscan.data.lungs): ``none``, ``crop`` (to the lung box), ``mask``
         (outside the lungs set to the median grey) or ``both``.
     hu_window: CT models: ``(center, width)`` of the lung window that maps a scan's Hounsfield units
@@ -58,6 +59,7 @@ class Preprocess:
     lung_crop: bool = False
     lungs: str = "none"
     hu_window: tuple[float, float] | None = None
+    body_crop: bool = False
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
@@ -78,6 +80,7 @@ class Preprocess:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
         key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
         key += "_lung" if self.lung_crop else ""
+        key += "_body" if self.body_crop else ""
         key += f"_hu{self.hu_window[0]:g}w{self.hu_window[1]:g}" if self.hu_window else ""
         return key + (f"_seg{self.lungs}{SEGMENTER_VERSION}" if self.lungs != "none" else "")
 
@@ -94,6 +97,7 @@ class Preprocess:
             lung_crop=bool(d.get("lung_crop", False)),
             lungs=str(d.get("lungs", "none")),
             hu_window=tuple(float(v) for v in d["hu_window"]) if d.get("hu_window") is not None else None,
+            body_crop=bool(d.get("body_crop", False)),
         )
 
     def to_dict(self) -> dict:
@@ -102,12 +106,14 @@ class Preprocess:
             del d["hu_window"]  # X-ray checkpoints keep the layout they always had
         else:
             d["hu_window"] = list(d["hu_window"])
+        if not d["body_crop"]:
+            del d["body_crop"]  # checkpoints without it keep the layout they always had
         return d
 
     @classmethod
     def for_backbone(
         cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False, lungs: str = "none",
-        hu_window: tuple[float, float] | None = None,
+        hu_window: tuple[float, float] | None = None, body_crop: bool = False,
     ) -> Preprocess:  # fmt: skip
         return cls(
             image_size=image_size or spec.input_size,
@@ -118,6 +124,7 @@ class Preprocess:
             lung_crop=lung_crop,
             lungs=lungs,
             hu_window=hu_window,
+            body_crop=body_crop,
         )
 
     @classmethod
@@ -138,6 +145,7 @@ class Preprocess:
             lung_crop=data_cfg.lung_crop,
             lungs=data_cfg.lungs,
             hu_window=hu,
+            body_crop=data_cfg.body_crop,
         )
 
 
@@ -150,7 +158,7 @@ def gray(pixels: np.ndarray) -> np.ndarray:
 
 def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.Tensor:
     """Decoded scan -> ``1 x S x S`` uint8 tensor: (CT slices in Hounsfield units: the lung window
-    ``pre.hu_window``), gray, border crop, lung crop, resize (antialiased), equalisation. Every entry point
+    ``pre.hu_window``), gray, border crop, body crop, lung crop, resize (antialiased), equalisation. Every entry point
     (training, evaluation, predict, the service, CT studies) makes the model's input with this function.
 
     ``pre`` is a :class:`Preprocess` or just the side ``S`` (no crop, no equalisation).
@@ -167,6 +175,8 @@ def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.
         h, w = g.shape
         dy, dx = int(round(h * crop)), int(round(w * crop))
         g = g[dy : h - dy, dx : w - dx]
+    if not isinstance(pre, int) and pre.body_crop:
+        g = crop_to_body(g)
     if not isinstance(pre, int) and pre.lungs != "none":
         g = apply_lungs(g, pre.lungs)
     if not isinstance(pre, int) and pre.lung_crop:
