@@ -9,7 +9,8 @@ with a token, with ``--max-pending`` lowered to fit ``--memory-budget`` exactly 
 the image back to back; ``--hostile`` clients cycle through the attacks below. Every second the process's
 resident memory is sampled. Prints, per attack, the status codes seen; for the normal requests, count, errors
 and latency percentiles; and the peak RSS against the start and the stated budget. The reference is the same
-app with the normal clients alone, measured first in the same run (their latency without attackers).
+app with the normal clients alone, measured first in the same run (their latency without attackers). Then
+each attack is sent alone and the rise of resident memory it causes is printed (the issue's goal: under 300 MB).
 
 Attacks: a deflated DICOM whose header says 100 x 100 holding 1 GB of zeros (1 MB on the wire); a DICOM with
 ten frames of data for one declared; a 25-megapixel RGB PNG (83 KB); a JPEG of 25 megapixels; a NIfTI whose
@@ -162,6 +163,34 @@ def run(base: str, seconds: float, n_normal: int, n_hostile: int, image: bytes, 
             "rss_start": rss[0], "rss_max": max(rss)}  # fmt: skip
 
 
+def one_at_a_time(base: str, plan: dict) -> dict[str, tuple[int, float]]:
+    """Each attack alone, after the reference warmed the service: name -> (status, peak RSS rise in MB above
+    the RSS just before it, sampled every 10 ms). Memory freed by one attack and reused by the next hides
+    part of the next one's rise, so the rise is a lower bound for attacks after the first large one."""
+    import httpx
+
+    out = {}
+    for name, (path, body, fname) in plan.items():
+        before, peak, done = rss_mb(), [0.0], threading.Event()
+
+        def sample():
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mb())
+                time.sleep(0.01)
+
+        th = threading.Thread(target=sample)
+        th.start()
+        try:
+            with httpx.Client(timeout=300) as c:
+                code = c.post(base + path, files={"file": (fname, body)}, headers=AUTH).status_code
+        except httpx.HTTPError:
+            code = -1
+        done.set()
+        th.join()
+        out[name] = (code, max(0.0, peak[0] - before))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--checkpoint", type=Path, required=True)
@@ -189,6 +218,10 @@ def main() -> None:
         ref = run(base, min(30.0, args.seconds / 4), args.normal, 0, image, {})
         print(f"reference (normal clients alone): {ref['ok']} ok, codes {ref['normal']}, p50 {ref['p50']:.0f} ms, "
               f"p95 {ref['p95']:.0f} ms, RSS {ref['rss_start']:.0f} -> max {ref['rss_max']:.0f} MB")  # fmt: skip
+        alone = one_at_a_time(base, plan)
+        print("each attack alone (status, peak RSS rise above the RSS before it):")
+        for name, (code, rise) in alone.items():
+            print(f"  {name}: {code}, +{rise:.0f} MB")
         r = run(base, args.seconds, args.normal, args.hostile, image, plan)
     print(f"under attack, {args.seconds:.0f} s, {args.normal} normal + {args.hostile} hostile clients:")
     print(f"  normal: {r['ok']} ok, codes {r['normal']}, p50 {r['p50']:.0f} ms, p95 {r['p95']:.0f} ms")
