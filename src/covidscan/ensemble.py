@@ -58,8 +58,7 @@ def make_ensemble(checkpoints: list[str | Path], out: str | Path) -> CheckpointM
             first = metas[0][0]
             if meta.task != first.task:
                 raise CheckpointError(f"{path}: task {meta.task!r} differs from {first.task!r}")
-            a, b = meta.preprocess.to_dict(), first.preprocess.to_dict()
-            diff = [k for k in SHARED if a[k] != b[k]]
+            diff = [k for k in SHARED if getattr(meta.preprocess, k) != getattr(first.preprocess, k)]
             if diff:
                 raise CheckpointError(f"{path}: preprocessing differs from the first member in {', '.join(diff)}")
         metas.append((meta, Path(path)))
