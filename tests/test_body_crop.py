@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from covidscan.config import load_config
+from covidscan.errors import ConfigError
 from covidscan.data.hounsfield import body_box, crop_to_body
 from covidscan.data.transforms import Preprocess, to_gray_uint8
 from covidscan.models import get_backbone
@@ -76,3 +77,8 @@ def test_body_crop_option_contract_and_checkpointed():
     assert "body_crop" not in plain.to_dict()  # older checkpoints' layout kept
     cfg = load_config(None, ["data.task=ct", "data.body_crop=true"])
     assert Preprocess.from_config(spec, cfg.data).body_crop
+
+
+def test_body_crop_on_an_xray_recipe_is_refused():
+    with pytest.raises(ConfigError, match="data.task=ct"):
+        load_config(None, ["data.task=xray", "data.body_crop=true"])

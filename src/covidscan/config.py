@@ -243,6 +243,8 @@ def validate(cfg: Config) -> None:
     if cfg.data.image_size and cfg.data.image_size < 32:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: at least 32 pixels")
     _choose("data.lungs", cfg.data.lungs, LUNG_OPTIONS)
+    if cfg.data.body_crop and cfg.data.task != "ct":
+        raise ConfigError("data.body_crop=true cuts axial CT slices to the body: set data.task=ct, or leave it off for X-rays")
     st = cfg.study
     if st.window_width <= 0:
         raise ConfigError(f"study.window_width must be > 0 (got {st.window_width})")

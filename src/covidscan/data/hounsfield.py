@@ -40,7 +40,7 @@ def body_box(g: np.ndarray, *, pad: float = 0.03) -> tuple[int, int, int, int]:
     body-like is found, so the crop never cuts into the chest.
     """
     h, w = g.shape
-    f = max(1, int(np.ceil(max(h, w) / MASK_SIDE)))
+    f = subsample_factor(g.shape)
     s = ndimage.gaussian_filter(np.asarray(g[::f, ::f], np.float32), 1.0)
     lo, hi = np.percentile(s, [1, 99])
     if hi - lo < 1e-3:
