@@ -79,6 +79,16 @@ def test_body_crop_option_contract_and_checkpointed():
     assert Preprocess.from_config(spec, cfg.data).body_crop
 
 
+def test_body_crop_algorithm_version_keys_the_image_cache(monkeypatch):
+    """A change to the body box must not reuse images cropped by the old one (BODY_CROP_VERSION in the key)."""
+    import covidscan.data.transforms as transforms
+
+    pre = Preprocess.for_backbone(get_backbone("densenet121"), 64, body_crop=True)
+    before = pre.cache_key()
+    monkeypatch.setattr(transforms, "BODY_CROP_VERSION", transforms.BODY_CROP_VERSION + 1)
+    assert pre.cache_key() != before
+
+
 def test_body_crop_on_an_xray_recipe_is_refused():
     with pytest.raises(ConfigError, match="data.task=ct"):
         load_config(None, ["data.task=xray", "data.body_crop=true"])

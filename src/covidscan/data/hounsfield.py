@@ -13,6 +13,7 @@ from scipy import ndimage
 
 #: a slice whose lung area is below this fraction of its pixels holds no lung worth scoring
 MIN_LUNG_PIXELS = 0.01
+BODY_CROP_VERSION = 1  # bump when body_box / crop_to_body change: it keys the on-disk image cache
 BODY_LEVEL = 0.5  # body = brighter than this fraction of the 1st..99th percentile range (body_box)
 MIN_ENCLOSED = 0.1  # body_box: the body's holes (lungs, airways) must add this fraction to its tissue
 MASK_SIDE = 256  # lung masks are found on slices subsampled to at most this side (4x fewer pixels for 512 x 512)

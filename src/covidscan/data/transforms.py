@@ -25,7 +25,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as TF
 
 from covidscan.config import LUNG_OPTIONS
-from covidscan.data.hounsfield import crop_to_body, window
+from covidscan.data.hounsfield import BODY_CROP_VERSION, crop_to_body, window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 from covidscan.data.lungs import apply_lungs, crop_to_lungs
@@ -80,7 +80,7 @@ class Preprocess:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
         key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
         key += "_lung" if self.lung_crop else ""
-        key += "_body" if self.body_crop else ""
+        key += f"_body{BODY_CROP_VERSION}" if self.body_crop else ""
         key += f"_hu{self.hu_window[0]:g}w{self.hu_window[1]:g}" if self.hu_window else ""
         return key + (f"_seg{self.lungs}{SEGMENTER_VERSION}" if self.lungs != "none" else "")
 
