@@ -51,10 +51,18 @@ def test_zoo_pipeline_rehearsed_on_cpu(tmp_path, monkeypatch, capsys):
     root = tmp_path / "data"
     for k, name in enumerate(("xray", "xray-extra", "xray-lungs")):
         make_folder_dataset(root / name, per_class=6, size=48, seed=k)
+    for k, name in enumerate(("ct", "ct-extra", "ct-more")):
+        make_folder_dataset(root / name, classes=("covid", "normal"), per_class=6, size=48, seed=10 + k)
+    studies = ct_studies(root / "ct-volumes")
     out = tmp_path / "zoo"
     subprocess.run([sys.executable, str(REPO / "tools" / "zoo.py"), "train", "--smoke", "--data-root", str(root),
                     "--out", str(out)], check=True, cwd=tmp_path)  # fmt: skip
     index = json.loads((out / "zoo.json").read_text())
+    assert [m["name"] for m in index["models"]] == ["xray", "ct"]
+    ct = index["models"][1]
+    assert (out / "ctmd" / "manifest.csv").is_file()  # the CT studies' lung slices were exported and trained on
+    ct_card = (out / "ct.md").read_text()
+    assert "covidscan study-slices" in ct_card and ct["data_sha256"] in ct_card and "body" in ct_card
     entry = index["models"][0]
     assert entry["name"] == "xray" and entry["sha256"] == sha256(out / entry["file"])
     tool = zoo_tool()
@@ -86,6 +94,35 @@ def test_zoo_pipeline_rehearsed_on_cpu(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "SHA-256" in err[0]
     assert main(["predict", "--model", "nope", str(img)]) == 2 and "no model 'nope'" in capsys.readouterr().err
+    # the CT model by name on a whole series (the study path), and publish keeps models the run did not make
+    capsys.readouterr()
+    assert main(["predict", "--model", "ct", str(studies[0]), "--json"]) == 0
+    study = json.loads(capsys.readouterr().out)[0]
+    assert study["positive_class"] == "covid" and study["n_scored"] > 0 and 0.0 <= study["probability"] <= 1.0
+    package = tmp_path / "package_zoo"
+    package.mkdir()
+    (package / "zoo.json").write_text(json.dumps({"models": [{"name": "older", "file": "o.cspt", "card": "o.md"}]}))
+    monkeypatch.setattr(tool, "PACKAGE_ZOO", package)
+    tool.main(["publish", str(out)])
+    assert [m["name"] for m in json.loads((package / "zoo.json").read_text())["models"]] == ["xray", "ct", "older"]
+    assert (package / "ct.cspt").read_bytes() == (out / "ct.cspt").read_bytes()
+
+
+def ct_studies(root: Path) -> list[Path]:
+    """A tiny folder of CT studies like ../shared/data/ct-volumes: two COVID, two non-COVID DICOM series."""
+    from tests.test_volumes import phantom, write_series
+
+    root.mkdir(parents=True)
+    rows, series = ["series,label,task_label,patient_id"], []
+    for k, label in enumerate(("covid", "covid", "cap", "normal")):
+        hu = phantom(6, size=48, seed=k)
+        if label == "covid":
+            hu[:, 20:28, 12:18] = -300  # ground glass in one lung
+        write_series(root / label / f"p{k}", hu)
+        rows.append(f"{label}/p{k},{label},{'covid' if label == 'covid' else 'normal'},p{k}")
+        series.append(root / label / f"p{k}")
+    (root / "manifest.csv").write_text("\n".join(rows) + "\n")
+    return series
 
 
 def test_shipped_zoo_matches_its_index_cards_and_recipes():
@@ -108,10 +145,10 @@ def test_shipped_zoo_matches_its_index_cards_and_recipes():
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "xray").is_dir(), reason="../shared/data not present")
-def test_recipe_data_hash_is_the_shared_data():
+def test_recipe_data_hash_is_the_shared_data(tmp_path):
     tool = zoo_tool()
-    for name, r in tool.RECIPES.items():
-        assert tool.data_hash(SHARED_DATA, name) == r["data_sha256"], name
+    for name, r in tool.RECIPES.items():  # the CT recipe's study slices are exported afresh into tmp_path
+        assert tool.data_hash(SHARED_DATA, name, tmp_path) == r["data_sha256"], name
 
 
 @pytest.mark.slow

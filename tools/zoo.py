@@ -63,6 +63,46 @@ RECIPES = {
             "0.849 (measured by the issue's author on scans not in this repository).",
         ],
     },
+    "ct": {
+        "task": "ct",
+        "prepare": ['covidscan study-slices {root}/ct-volumes --out {out}/ctmd --source "COVID-CT-MD (Tehran)"'],
+        "command": (
+            "covidscan train --config configs/ct_recommended.yaml "
+            "--data {root}/ct {root}/ct-extra {root}/ct-more {out}/ctmd --out {out}/ct --quiet"
+        ),
+        "checkpoint": "ct/best.pt",
+        "data": ["ct", "ct-extra", "ct-more", "ctmd"],
+        "data_sha256": "3bdf45f67e5c17f5a6d2f54aa286e37eaea34a4851cde9882fa0fe3ffd337a8d",
+        "architectures": ["efficientnet_lite0 (224 px, body crop + lung-field box, CT recipe)"],
+        "summary": "recommended CT slice model: EfficientNet-Lite0 on every CT source, body crop and lung-field box",
+        "for": (
+            "Research on COVID-19 vs non-COVID classification of axial chest CT slices and series (DICOM, NIfTI, "
+            "PNG / JPEG slices): a baseline to calibrate (`covidscan calibrate --data STUDIES`) and to test on your "
+            "own patients before any conclusion. Transfer to other hospitals is unproven (see below)."
+        ),
+        "not_for": (
+            "Diagnosis, triage or any decision about a patient; telling COVID-19 from other pneumonias (a "
+            "community-acquired pneumonia patient scores COVID); chest X-rays (use `xray`); non-chest CT."
+        ),
+        "loso": [
+            "Leave-one-source-out over the five CT sources (Soares / São Paulo, ieee8023 CT, MedSeg / SIRM, "
+            "Lung-PET-CT-Dx, COVID-CT-MD slices; `covidscan ledger run ct_ft_body_lung` then `covidscan ledger report "
+            "ct_ft_body_lung --out runs/exp`; docs/results/ct_generalisation.md): **pooled COVID AUROC 0.686 "
+            "[0.639, 0.724]** (seed 0) over 2,795 slices; Soares held out 0.687, COVID-CT-MD held out 0.578.",
+            "Patients (COVID-CT-MD series held out, scored as studies): COVID 0.988, normal 0.379, "
+            "community-acquired pneumonia 1.000 (warned: nearly every lung slice scores COVID).",
+        ],
+        "failure_modes": [
+            "Other pneumonias: the held-out community-acquired pneumonia patient scored COVID 1.000. The model "
+            "separates diseased from clear lungs better than COVID from other infections.",
+            "Transfer is unproven: the goal of 0.85 pooled leave-one-source-out AUROC is not met, and one hospital "
+            "(Soares, São Paulo) gives 89% of the training slices. Calibrate on your own patients "
+            "(`covidscan calibrate --data STUDIES`) and evaluate before reading any probability.",
+            "Slices from papers (already windowed and cropped 8-bit images) and slices from HU series are brought to "
+            "one framing by the body crop and lung-field box; slices that show no lung are flagged, never called "
+            "normal.",
+        ],
+    },
 }
 SMOKE = ["--set", "data.image_size=80", "--set", "train.epochs=1", "--set", "train.max_batches=2", "--set", "model.weights=none"]
 
@@ -85,10 +125,21 @@ def run(argv: list[str]) -> None:
     subprocess.run(argv, check=True, cwd=REPO)
 
 
-def data_hash(root: Path, name: str) -> str:
+def data_hash(root: Path, name: str, out: Path) -> str:
+    """Fingerprint of the recipe's data: folders under ``root``; derived ones (CT study slices) made under ``out``."""
     from covidscan.data import load_dataset
+    from covidscan.experiments.ledger import dataset_paths
 
-    return load_dataset([root / d for d in RECIPES[name]["data"]], RECIPES[name]["task"]).fingerprint()
+    return load_dataset(dataset_paths(RECIPES[name]["data"], root, out), RECIPES[name]["task"]).fingerprint()
+
+
+def prepare(name: str, root: Path, out: Path) -> None:
+    """Run the recipe's ``prepare`` commands (e.g. exporting CT study slices) unless their --out already holds a manifest."""
+    for template in RECIPES[name].get("prepare", []):
+        argv = shlex.split(template.format(root=root, out=out))
+        made = Path(argv[argv.index("--out") + 1])
+        if not (made / "manifest.csv").is_file():
+            run(argv)
 
 
 def parity(float_eval: Path, compact_eval: Path) -> dict:
@@ -123,6 +174,7 @@ def card(name: str, out: Path, cmd: list[str], dhash: str, par: dict, compact_fi
         f"**Not for:** {r['not_for']}",
         "",
         "## How it was made",
+        *[f"- first (from the repository root, `{{root}}` = `../shared/data`): `{p}`" for p in r.get("prepare", [])],
         f"- command (from the repository root, `{{root}}` = `../shared/data`): `{r['command']}`",
         f"- data fingerprint (file, label, group of every image): `{dhash}`",
         f"- compact weights: `{compact_file.name}`, {compact_file.stat().st_size / 1e6:.1f} MB, SHA-256 `{sha256(compact_file)}`",
@@ -151,6 +203,7 @@ def train(args) -> None:
         cmd = command(name, root, out, args.smoke)
         ckpt = out / r["checkpoint"]
         if not ckpt.is_file():
+            prepare(name, root, out)
             run(cmd)
         seconds = training_seconds(ckpt.parent)
         ev = out / name / "eval"
@@ -163,7 +216,7 @@ def train(args) -> None:
         run(["covidscan", "evaluate", "--checkpoint", str(expanded), "--out", str(out / name / "eval_compact"), "--quiet",
              "--bootstrap", "0"])  # fmt: skip
         par = parity(ev, out / name / "eval_compact")
-        dhash = data_hash(root, name)
+        dhash = data_hash(root, name, out)
         if not args.smoke and dhash != r["data_sha256"]:
             print(f"warning: data fingerprint {dhash} differs from the recipe's {r['data_sha256']}", file=sys.stderr)
         (out / f"{name}.md").write_text(card(name, out, cmd, dhash, par, compact, seconds), encoding="utf-8")
@@ -183,11 +236,16 @@ def train(args) -> None:
 
 
 def publish(args) -> None:
+    """Copy the run's models into the package; models of the shipped index that the run did not make are kept."""
     index = json.loads((args.run / "zoo.json").read_text())
     for m in index["models"]:
         for f in (m["file"], m["card"]):
             shutil.copy(args.run / f, PACKAGE_ZOO / f)
-    (PACKAGE_ZOO / "zoo.json").write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    shipped = PACKAGE_ZOO / "zoo.json"
+    merged = {m["name"]: m for m in (json.loads(shipped.read_text())["models"] if shipped.is_file() else [])}
+    merged.update({m["name"]: m for m in index["models"]})
+    order = [n for n in RECIPES if n in merged] + [n for n in merged if n not in RECIPES]
+    shipped.write_text(json.dumps({"models": [merged[n] for n in order]}, indent=2) + "\n", encoding="utf-8")
     print(f"published {', '.join(m['name'] for m in index['models'])} into {PACKAGE_ZOO}")
 
 

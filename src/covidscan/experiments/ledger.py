@@ -61,10 +61,10 @@ def load_ledger(path: str | Path) -> tuple[dict[str, Variant], dict[str, list[st
     return variants, ensembles
 
 
-def data_paths(v: Variant, root: Path, out: Path) -> list[Path]:
-    """The variant's dataset folders: under ``root``, or made once under ``out`` (:data:`DERIVED`)."""
+def dataset_paths(names: list[str], root: Path, out: Path) -> list[Path]:
+    """Dataset folders by name: ``root/NAME``, or for a :data:`DERIVED` name the slices exported once to ``out/NAME``."""
     paths = []
-    for name in v.data:
+    for name in names:
         if name in DERIVED:
             studies, source = DERIVED[name]
             made = out / name
@@ -86,7 +86,7 @@ def run_variant(v: Variant, root: Path, out: Path, *, progress: bool = False) ->
     folders = []
     for run, seed in v.runs():
         cfg = load_config(v.config, v.set + ([f"train.seed={seed}"] if seed is not None else []))
-        leave_one_source_out(cfg, data_paths(v, root, out), out / run, sources=v.sources or None, progress=progress, resume=True)
+        leave_one_source_out(cfg, dataset_paths(v.data, root, out), out / run, sources=v.sources or None, progress=progress, resume=True)
         folders.append(out / run)
     return folders
 
