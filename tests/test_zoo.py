@@ -141,7 +141,7 @@ def test_shipped_zoo_matches_its_index_cards_and_recipes():
         assert recipe["command"] in card and recipe["data_sha256"] in card and row["data_sha256"] == recipe["data_sha256"]
         assert m.sha256 in card
         assert row["parity"]["covid_auroc_difference"] <= 0.002
-    assert total <= 40e6  # the zoo adds at most 40 MB to the repository
+    assert total <= 43e6  # the zoo adds at most 43 MB: the whole tracked tree must stay under the 64 MiB a device run carries
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "xray").is_dir(), reason="../shared/data not present")
@@ -165,3 +165,20 @@ def test_shipped_xray_model_predicts_a_shared_film_and_knows_its_training_images
         __import__("covidscan.zoo", fromlist=["checkpoint_path"]).checkpoint_path("xray"), SHARED_DATA / "xray-lungs", n_boot=0
     )
     assert r.overlap["checked"] and r.overlap["train"] > 100 and not r.external  # it trained on most of them
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (SHARED_DATA / "ct-volumes").is_dir(), reason="../shared/data not present")
+def test_shipped_ct_model_reads_a_real_series_and_knows_its_training_slices(tmp_path):
+    from covidscan.evaluation import evaluate
+    from covidscan.inference import Predictor
+    from covidscan.study import predict_study
+    from covidscan.zoo import checkpoint_path
+
+    p = Predictor.from_pretrained("ct", device="cpu")
+    assert p.meta.task == "ct" and len(p.meta.members) == 2
+    assert p.pre.body_crop and p.pre.lung_crop  # the recipe's framing travels with the model
+    result = predict_study(p, SHARED_DATA / "ct-volumes" / "normal" / "normal001")
+    assert result.scored and 0.0 <= result.probability <= 1.0 and result.spread
+    r = evaluate(checkpoint_path("ct"), SHARED_DATA / "ct-more", n_boot=0)
+    assert r.overlap["checked"] and r.overlap["train"] > 50 and not r.external  # it trained on most of them

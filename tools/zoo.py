@@ -67,14 +67,18 @@ RECIPES = {
         "task": "ct",
         "prepare": ['covidscan study-slices {root}/ct-volumes --out {out}/ctmd --source "COVID-CT-MD (Tehran)"'],
         "command": (
-            "covidscan train --config configs/ct_recommended.yaml "
+            "covidscan train-ensemble --config configs/ct_recommended.yaml --seeds 0 1 "
             "--data {root}/ct {root}/ct-extra {root}/ct-more {out}/ctmd --out {out}/ct --quiet"
         ),
-        "checkpoint": "ct/best.pt",
+        "checkpoint": "ct/ensemble.pt",
+        # int8 from 30,000 values (not 300,000): 6.7 MB of weights instead of 10.8 for the two members, so the
+        # tracked tree stays under the 64 MiB a device run carries; parity on the test split is in the card
+        "int8_min_numel": 30_000,
         "data": ["ct", "ct-extra", "ct-more", "ctmd"],
         "data_sha256": "3bdf45f67e5c17f5a6d2f54aa286e37eaea34a4851cde9882fa0fe3ffd337a8d",
-        "architectures": ["efficientnet_lite0 (224 px, body crop + lung-field box, CT recipe)"],
-        "summary": "recommended CT slice model: EfficientNet-Lite0 on every CT source, body crop and lung-field box",
+        "architectures": ["efficientnet_lite0 x 2 seeds (224 px, body crop + lung-field box, CT recipe)"],
+        "summary": "recommended CT slice model: two seeds of EfficientNet-Lite0 on every CT source (body crop, "
+        "lung-field box), probabilities averaged",
         "for": (
             "Research on COVID-19 vs non-COVID classification of axial chest CT slices and series (DICOM, NIfTI, "
             "PNG / JPEG slices): a baseline to calibrate (`covidscan calibrate --data STUDIES`) and to test on your "
@@ -87,10 +91,13 @@ RECIPES = {
         "loso": [
             "Leave-one-source-out over the five CT sources (Soares / São Paulo, ieee8023 CT, MedSeg / SIRM, "
             "Lung-PET-CT-Dx, COVID-CT-MD slices; `covidscan ledger run ct_ft_body_lung` then `covidscan ledger report "
-            "ct_ft_body_lung --out runs/exp`; docs/results/ct_generalisation.md): **pooled COVID AUROC 0.686 "
-            "[0.639, 0.724]** (seed 0) over 2,795 slices; Soares held out 0.687, COVID-CT-MD held out 0.578.",
-            "Patients (COVID-CT-MD series held out, scored as studies): COVID 0.988, normal 0.379, "
-            "community-acquired pneumonia 1.000 (warned: nearly every lung slice scores COVID).",
+            "ct_body_lung_s01 --out runs/exp`; docs/results/ct_generalisation.md): this recipe's seeds 0 and 1, "
+            "probabilities averaged: **pooled COVID AUROC 0.698 [0.644, 0.737]** over 2,795 slices (goal 0.85: not "
+            "met); Soares held out 0.700, COVID-CT-MD held out 0.523. One seed alone: 0.686 / 0.637 / 0.647 "
+            "(seeds 0 / 1 / 2); all three averaged 0.698.",
+            "Patients (the pair of the fold that never saw COVID-CT-MD, its three series scored as studies): COVID "
+            "0.930, normal 0.359 (not called COVID), community-acquired pneumonia 1.000 (called COVID, with the "
+            "warning that nearly every lung slice scores COVID).",
         ],
         "failure_modes": [
             "Other pneumonias: the held-out community-acquired pneumonia patient scored COVID 1.000. The model "
@@ -210,7 +217,7 @@ def train(args) -> None:
         if not (ev / "metrics.json").is_file():
             run(["covidscan", "evaluate", "--checkpoint", str(ckpt), "--out", str(ev), "--quiet"])
         compact = out / f"{name}.cspt"
-        compact_checkpoint(ckpt, compact)
+        compact_checkpoint(ckpt, compact, **({"min_numel": r["int8_min_numel"]} if "int8_min_numel" in r else {}))
         expanded = ckpt.parent / "compact_expanded.pt"  # beside the checkpoint: evaluate finds the same split.csv
         expand_checkpoint(compact, expanded)
         run(["covidscan", "evaluate", "--checkpoint", str(expanded), "--out", str(out / name / "eval_compact"), "--quiet",
@@ -219,7 +226,8 @@ def train(args) -> None:
         dhash = data_hash(root, name, out)
         if not args.smoke and dhash != r["data_sha256"]:
             print(f"warning: data fingerprint {dhash} differs from the recipe's {r['data_sha256']}", file=sys.stderr)
-        (out / f"{name}.md").write_text(card(name, out, cmd, dhash, par, compact, seconds), encoding="utf-8")
+        text = card(name, out, cmd, dhash, par, compact, seconds).replace(f"{root}/", "{root}/").replace(f"{REPO}/", "")
+        (out / f"{name}.md").write_text(text, encoding="utf-8")
         metrics = json.loads((ev / "metrics.json").read_text())
         auroc, ci = metrics["metrics"]["per_class"]["auroc"][0], metrics["ci95"].get("auroc/0")
         index["models"].append({

@@ -67,14 +67,15 @@ def dequantize(packed: dict) -> dict:
     return out
 
 
-def compact_checkpoint(src: str | Path, dst: str | Path) -> Path:
-    """Write ``src`` (a covidscan checkpoint) as a compact file ``dst``."""
+def compact_checkpoint(src: str | Path, dst: str | Path, *, min_numel: int = INT8_MIN_NUMEL) -> Path:
+    """Write ``src`` (a covidscan checkpoint) as a compact file ``dst``: weights with more than ``min_numel``
+    values in int8, other floating tensors in float16 (the reader needs no setting: int8 tensors carry scales)."""
     obj = load_checkpoint(src)
     payload = {
         "format": FORMAT,
         "version": VERSION,
         "meta": obj["meta"].to_dict(),
-        "state_int8": quantize(obj["state_dict"], min_numel=INT8_MIN_NUMEL),
+        "state_int8": quantize(obj["state_dict"], min_numel=min_numel),
         "provenance": obj.get("provenance"),
     }
     buf = io.BytesIO()
