@@ -65,7 +65,6 @@ RECIPES = {
     },
     "ct": {
         "task": "ct",
-        "prepare": ['covidscan study-slices {root}/ct-volumes --out {out}/ctmd --source "COVID-CT-MD (Tehran)"'],
         "command": (
             "covidscan train-ensemble --config configs/ct_recommended.yaml --seeds 0 1 "
             "--data {root}/ct {root}/ct-extra {root}/ct-more {out}/ctmd --out {out}/ct --quiet"
@@ -140,13 +139,14 @@ def data_hash(root: Path, name: str, out: Path) -> str:
     return load_dataset(dataset_paths(RECIPES[name]["data"], root, out), RECIPES[name]["task"]).fingerprint()
 
 
-def prepare(name: str, root: Path, out: Path) -> None:
-    """Run the recipe's ``prepare`` commands (e.g. exporting CT study slices) unless their --out already holds a manifest."""
-    for template in RECIPES[name].get("prepare", []):
-        argv = shlex.split(template.format(root=root, out=out))
-        made = Path(argv[argv.index("--out") + 1])
-        if not (made / "manifest.csv").is_file():
-            run(argv)
+def derived_commands(name: str) -> list[str]:
+    """The CLI equivalent of what :func:`covidscan.experiments.ledger.dataset_paths` makes for the recipe's derived data."""
+    from covidscan.experiments.ledger import DERIVED
+
+    return [
+        f'covidscan study-slices {{root}}/{DERIVED[d][0]} --out {{out}}/{d} --source "{DERIVED[d][1]}"'
+        for d in RECIPES[name]["data"] if d in DERIVED
+    ]  # fmt: skip
 
 
 def parity(float_eval: Path, compact_eval: Path) -> dict:
@@ -181,7 +181,7 @@ def card(name: str, out: Path, cmd: list[str], dhash: str, par: dict, compact_fi
         f"**Not for:** {r['not_for']}",
         "",
         "## How it was made",
-        *[f"- first (from the repository root, `{{root}}` = `../shared/data`): `{p}`" for p in r.get("prepare", [])],
+        *[f"- first (from the repository root, `{{root}}` = `../shared/data`): `{p}`" for p in derived_commands(name)],
         f"- command (from the repository root, `{{root}}` = `../shared/data`): `{r['command']}`",
         f"- data fingerprint (file, label, group of every image): `{dhash}`",
         f"- compact weights: `{compact_file.name}`, {compact_file.stat().st_size / 1e6:.1f} MB, SHA-256 `{sha256(compact_file)}`",
@@ -210,7 +210,9 @@ def train(args) -> None:
         cmd = command(name, root, out, args.smoke)
         ckpt = out / r["checkpoint"]
         if not ckpt.is_file():
-            prepare(name, root, out)
+            from covidscan.experiments.ledger import dataset_paths
+
+            dataset_paths(r["data"], root, out)  # derived data (CT study slices) exported once, as the ledger does
             run(cmd)
         seconds = training_seconds(ckpt.parent)
         ev = out / name / "eval"
