@@ -588,3 +588,24 @@ def test_resume_with_other_data_or_out_a_file_is_one_line(tmp_path, capsys):
     (tmp_path / "afile").write_text("x")
     assert main([*base, "--data", str(data), "--out", str(tmp_path / "afile")]) == 2
     assert "is a file, not a run folder" in capsys.readouterr().err
+
+
+def test_ledger_run_one_seed(tmp_path, monkeypatch):
+    """`covidscan ledger run NAME_seedS` trains that seed's run only; an unknown name is a one-line error."""
+    import covidscan.experiments.loso as loso_mod
+    from covidscan.cli import main
+
+    ledger = tmp_path / "ledger.yaml"
+    ledger.write_text(
+        "yardsticks: {y: {data: [a, b], sources: []}}\n"
+        f"variants: {{v: {{config: {REPO / 'configs' / 'ct_generalise_finetune.yaml'}, yardstick: y, seeds: [0, 1, 2]}}}}\n"
+    )
+    calls = []
+    monkeypatch.setattr(loso_mod, "leave_one_source_out", lambda cfg, data, out, **kw: calls.append((cfg.train.seed, out.name)))
+    opts = ["--ledger", str(ledger), "--data-root", str(tmp_path), "--out", str(tmp_path / "exp"), "--quiet"]
+    assert main(["ledger", "run", "v_seed1", *opts]) == 0
+    assert calls == [(1, "v_seed1")]
+    calls.clear()
+    assert main(["ledger", "run", "v", *opts]) == 0
+    assert calls == [(0, "v_seed0"), (1, "v_seed1"), (2, "v_seed2")]
+    assert main(["ledger", "run", "v_seed7", *opts]) == 2 and len(calls) == 3

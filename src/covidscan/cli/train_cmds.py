@@ -120,7 +120,7 @@ def cmd_loso_report(args) -> int:
 
 
 def cmd_ledger(args) -> int:
-    from covidscan.experiments.ledger import load_ledger, resolve_runs, run_variant
+    from covidscan.experiments.ledger import load_ledger, resolve_runs, run_variant, variant_of
     from covidscan.experiments.pooling import pool, report_markdown
 
     variants, ensembles = load_ledger(args.ledger)
@@ -135,9 +135,8 @@ def cmd_ledger(args) -> int:
         raise CLIError(f"ledger {args.action}: name at least one variant{' or ensemble' if args.action == 'report' else ''}")
     for name in args.names:
         if args.action == "run":
-            if name not in variants:
-                raise CLIError(f"{name!r} is not a variant of {args.ledger} (covidscan ledger list)")
-            run_variant(variants[name], args.data_root, args.out, progress=not args.quiet)
+            variant, only = variant_of(name, variants)
+            run_variant(variant, args.data_root, args.out, progress=not args.quiet, only=only)
         else:
             for runs in resolve_runs(name, variants, ensembles, args.out):
                 print(report_markdown(pool(runs, n_boot=args.bootstrap)))
@@ -236,7 +235,7 @@ def register(sub) -> None:
         description="Example: covidscan ledger run rec_pbn --out runs/exp; covidscan ledger report zoo_xray --out runs/exp",
     )
     p.add_argument("action", choices=["list", "run", "report"], help="list the ledger, train variants, or pool them")
-    p.add_argument("names", nargs="*", help="variants (run, report), runs or ensembles (report)")
+    p.add_argument("names", nargs="*", help="variants or one seed's run, NAME_seedS (run); variants, runs or ensembles (report)")
     p.add_argument("--ledger", type=Path, default=Path("experiments/ledger.yaml"), help="ledger file (default experiments/ledger.yaml)")
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="folder holding the yardsticks' datasets")
     p.add_argument("--out", type=Path, default=Path("runs/exp"), help="folder of the run folders (default runs/exp)")

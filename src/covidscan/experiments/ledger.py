@@ -78,17 +78,33 @@ def dataset_paths(names: list[str], root: Path, out: Path) -> list[Path]:
     return paths
 
 
-def run_variant(v: Variant, root: Path, out: Path, *, progress: bool = False) -> list[Path]:
-    """Train (or finish) every run of ``v``; returns their folders."""
+def run_variant(v: Variant, root: Path, out: Path, *, progress: bool = False, only: str | None = None) -> list[Path]:
+    """Train (or finish) every run of ``v``, or only the run folder named ``only`` (one seed); returns their folders."""
     from covidscan.config import load_config
     from covidscan.experiments.loso import leave_one_source_out
 
     folders = []
     for run, seed in v.runs():
+        if only is not None and run != only:
+            continue
         cfg = load_config(v.config, v.set + ([f"train.seed={seed}"] if seed is not None else []))
         leave_one_source_out(cfg, dataset_paths(v.data, root, out), out / run, sources=v.sources or None, progress=progress, resume=True)
         folders.append(out / run)
     return folders
+
+
+def variant_of(name: str, variants: dict[str, Variant]) -> tuple[Variant, str | None]:
+    """The variant ``name`` is, or whose run folder it names (``NAME_seedS``): ``(variant, run or None)``.
+
+    Raises:
+        ConfigError: no variant is or makes ``name``.
+    """
+    if name in variants:
+        return variants[name], None
+    for v in variants.values():
+        if any(name == r for r, _ in v.runs()):
+            return v, name
+    raise ConfigError(f"{name!r} is no variant or run of the ledger (covidscan ledger list)")
 
 
 def resolve_runs(name: str, variants: dict[str, Variant], ensembles: dict[str, list[str]], out: Path) -> list[list[Path]]:
