@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
 
-from covidscan.data.lungs import lung_box
+from covidscan.data.lungs import frame_lungs, lung_box, lung_field_mask
 from covidscan.data.transforms import Preprocess, to_gray_uint8
 from covidscan.models import get_backbone
 
@@ -80,3 +81,71 @@ def test_lung_crop_option_contract_and_checkpointed():
     assert pre.cache_key() != plain.cache_key()  # cached images of the two never mix
     assert Preprocess.from_dict(pre.to_dict()) == pre
     assert Preprocess.from_dict({k: v for k, v in plain.to_dict().items() if k != "lung_crop"}) == plain  # older checkpoints
+
+
+def axial(h=220, w=260, bridge=False, lesion=False, seed=0):
+    """A synthetic axial CT slice in a lung window: dark air around a bright body, two dark lungs; ``bridge``
+    joins the lungs across the midline (anterior junction); ``lesion`` puts a bright consolidation on the
+    outer edge of the right-hand lung. Returns the image, the two lungs' mask and the lesion's mask."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
+    img = np.full((h, w), 0.05, np.float32)
+    body = ((xx - 0.5) / 0.45) ** 2 + ((yy - 0.5) / 0.4) ** 2 < 1
+    img[body] = 0.85
+    lungs = np.zeros((h, w), bool)
+    for cx in (0.32, 0.68):
+        lungs |= ((xx - cx) / 0.15) ** 2 + ((yy - 0.5) / 0.27) ** 2 < 1
+    if bridge:
+        lungs |= (np.abs(xx - 0.5) < 0.06) & (np.abs(yy - 0.35) < 0.1)
+    img[lungs] = 0.2
+    les = ((xx - 0.8) / 0.04) ** 2 + ((yy - 0.5) / 0.08) ** 2 < 1
+    if lesion:
+        img[les] = 0.8  # as bright as soft tissue: a threshold alone would cut it out of the lung
+    img += 0.02 * rng.standard_normal((h, w)).astype(np.float32)
+    return np.clip(img, 0, 1), lungs, les
+
+
+@pytest.mark.parametrize("bridge", [False, True])
+def test_lung_mask_keeps_the_lungs_and_drops_body_and_air(bridge):
+    img, lungs, _ = axial(bridge=bridge)
+    m = lung_field_mask(img)
+    assert m.shape == img.shape and m.dtype == bool
+    assert m[lungs].mean() > 0.95  # nearly all of both lungs, joined ones included
+    outside = ~ndimage.binary_dilation(lungs, iterations=15)
+    assert m[outside].mean() < 0.1  # air around the patient and most of the body are dropped
+    out = frame_lungs(img, crop=False, mask=True)
+    assert (out[~m] == 0).all() and np.array_equal(out[m], img[m])
+
+
+def test_lung_mask_takes_in_a_lesion_at_the_lung_edge():
+    img, lungs, les = axial(lesion=True)
+    m = lung_field_mask(img)
+    assert m[les & lungs].mean() > 0.9  # the consolidation stays in (the convex hull), not cut out as "body"
+
+
+@pytest.mark.parametrize("img", [np.full((200, 200), 0.5, np.float32), np.zeros((20, 20), np.float32)])
+def test_no_lungs_found_mask_keeps_everything(img):
+    assert lung_field_mask(img).all()
+    assert np.array_equal(frame_lungs(img, crop=True, mask=True), img)
+
+
+def test_lung_crop_without_mask_is_the_box_unchanged():
+    img, _ = film()
+    y0, y1, x0, x1 = lung_box(img)
+    assert np.array_equal(frame_lungs(img, crop=True), img[y0:y1, x0:x1])  # what lung_crop checkpoints were trained on
+
+
+def test_lung_mask_option_contract_and_checkpointed():
+    spec = get_backbone("densenet121")
+    img, lungs, _ = axial()
+    pre = Preprocess.for_backbone(spec, 64, lung_mask=True)
+    plain = Preprocess.for_backbone(spec, 64)
+    a = to_gray_uint8(img, pre)
+    assert torch.equal(a, to_gray_uint8(img, pre)) and a.shape == (1, 64, 64)
+    small = torch.nn.functional.interpolate(torch.from_numpy(lungs)[None, None].float(), size=(64, 64))[0]
+    assert a[small == 0].float().mean() < 30 < a[small == 1].float().mean()  # black outside the lungs
+    assert pre.cache_key() != plain.cache_key()
+    assert Preprocess.from_dict(pre.to_dict()) == pre
+    assert "lung_mask" not in plain.to_dict()  # checkpoints without it keep their layout
+    both = Preprocess.for_backbone(spec, 64, lung_mask=True, lung_crop=True)
+    assert both.cache_key() not in (pre.cache_key(), plain.cache_key())

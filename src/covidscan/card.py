@@ -72,6 +72,7 @@ def _model_section(meta: CheckpointMeta) -> list[str]:
         + (", histogram-equalised" if pre.equalize else "")
         + (f", {pre.crop:.0%} border crop" if pre.crop else "")
         + (", cropped to the lung fields" if pre.lung_crop else "")
+        + (", black outside the lung fields" if pre.lung_mask else "")
         + (", each slice cropped to the body" if pre.body_crop else "")
         + (f", learned lung mask option {pre.lungs!r}" if pre.lungs != "none" else "")
         + f". Trained with Adam (learning rate {train_cfg.get('lr')}) for up to {train_cfg.get('epochs')} epochs; "

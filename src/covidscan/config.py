@@ -35,6 +35,7 @@ class DataConfig:
     crop: float = 0.0  # fraction cut from each border before resizing (text, markers); stored in the checkpoint
     lung_crop: bool = False  # crop to the lung fields (heuristic box, covidscan.data.lungs); stored in the checkpoint
     body_crop: bool = False  # CT: crop each slice to the body (covidscan.data.hounsfield); stored in the checkpoint
+    lung_mask: bool = False  # black outside the lung fields (heuristic mask, covidscan.data.lungs); stored in the checkpoint
     lungs: str = "none"  # learned lung mask (covidscan.data.lungs): none | crop | mask | both; stored in the checkpoint
     num_workers: int = -1  # DataLoader workers; -1 = 0 on CPU (compute-bound), min(8, cores) on CUDA
     allow_empty_class: bool = False  # train even when a class of the task has no training image (else an error)

@@ -23,7 +23,7 @@ from covidscan.errors import CheckpointError
 from covidscan.provenance import merge_records
 
 #: preprocessing fields the members must agree on (image_size may differ: see the module docstring)
-SHARED = ("mean", "std", "equalize", "crop", "lung_crop", "lungs", "body_crop")
+SHARED = ("mean", "std", "equalize", "crop", "lung_crop", "lungs", "body_crop", "lung_mask")
 
 
 def member_record(meta: CheckpointMeta, path: Path) -> dict:

@@ -6,7 +6,8 @@ U-Net (Ronneberger et al. 2015) with shipped weights (``covidscan/weights/lungse
 in [0, 1] and returns a boolean lung mask of the same size (the two largest connected regions, holes filled);
 :func:`lung_bbox` turns it into the box of ``lungs=crop``.
 
-**Lung-field box by plain image processing** (:func:`crop_to_lungs`; the ``data.lung_crop`` option):
+**Lung-field box and mask by plain image processing** (:func:`frame_lungs`; the ``data.lung_crop`` and
+``data.lung_mask`` options):
 
 A chest film shows the lungs as the two large dark regions inside the brighter body
 (mediastinum, ribs, diaphragm, soft tissue). :func:`lung_box` finds them on a small copy:
@@ -18,7 +19,10 @@ A chest film shows the lungs as the two large dark regions inside the brighter b
    not running down the left or right image edge, which is air beside the patient);
 3. take the largest such region on each side; keep the threshold whose pair covers most;
 4. the box around that pair, padded, mirrored about the midline when only one lung was
-   found, and widened to a minimum size.
+   found, and widened to a minimum size;
+5. for ``lung_mask`` (:func:`lung_field_mask`; lungs joined into one region are cut apart first): the
+   convex hull of each lung, so that dense lesions inside or at the edge of a lung stay in, grown by a few
+   pixels; the rest is set to black.
 
 When nothing plausible is found the whole image is returned, so the crop can only
 remove borders, text and markers, never the chest. Deterministic: no randomness.
@@ -34,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
+from scipy.spatial import ConvexHull, Delaunay, QhullError
 from torch import nn
 
 from covidscan.errors import CheckpointError
@@ -60,11 +65,35 @@ def _small(g: np.ndarray) -> np.ndarray:
     return s[:WORK, :WORK]
 
 
-def _candidates(s: np.ndarray, thr: float) -> list[tuple[int, tuple[slice, slice], float]]:
+def _split_merged(dark: np.ndarray) -> np.ndarray:
+    """Cut each region wider than one lung and centred on the midline at its narrowest column of the central
+    band: both lungs joined across a thin anterior junction (or smoothed together on a wide slice)."""
+    n = dark.shape[0]
+    labels, _ = ndimage.label(dark)
+    out = dark.copy()
+    for i, sl in enumerate(ndimage.find_objects(labels), start=1):
+        if sl is None or sl[1].stop - sl[1].start <= 0.55 * n:
+            continue
+        region = labels == i
+        counts = region.sum(axis=0)
+        a, b = int(0.35 * n), int(0.65 * n)
+        cx = (counts * np.arange(n)).sum() / max(1, counts.sum()) / n
+        if not 0.35 < cx < 0.65 or counts[a:b].min() > 0.5 * (sl[0].stop - sl[0].start):
+            continue  # not centred, or no narrow waist to cut (one dark mass, not two lungs)
+        col = a + int(np.argmin(counts[a:b]))
+        out[:, max(0, col - 1) : col + 2] &= ~region[:, max(0, col - 1) : col + 2]
+    return out
+
+
+def _dark(s: np.ndarray, thr: float, split: bool = False) -> np.ndarray:
+    dark = ndimage.binary_opening(s < thr, structure=np.ones((5, 5), bool))
+    return _split_merged(dark) if split else dark
+
+
+def _candidates(s: np.ndarray, thr: float, split: bool = False) -> list[tuple[int, tuple[slice, slice], float]]:
     """Dark regions below ``thr`` shaped like a lung field: ``(area, bbox, centre x)``."""
     n = s.shape[0]
-    dark = ndimage.binary_opening(s < thr, structure=np.ones((5, 5), bool))
-    labels, _ = ndimage.label(dark)
+    labels, _ = ndimage.label(_dark(s, thr, split))
     out = []
     for i, sl in enumerate(ndimage.find_objects(labels), start=1):
         if sl is None:
@@ -86,6 +115,31 @@ def _candidates(s: np.ndarray, thr: float) -> list[tuple[int, tuple[slice, slice
     return out
 
 
+def _lung_pair(g: np.ndarray, split: bool = False) -> tuple[np.ndarray, float, list[tuple[int, tuple[slice, slice], float]]] | None:
+    """The working copy, the chosen threshold and the left and right lung-shaped regions (steps 1-3 above);
+    ``None`` when the image is too small or flat, or nothing lung-shaped is found. ``split``: lungs joined
+    into one region are cut apart first (:func:`_split_merged`; the mask's search, not the box's, whose
+    results the ``lung_crop`` checkpoints depend on)."""
+    h, w = g.shape
+    if h < 32 or w < 32:
+        return None
+    s = _small(g)
+    n = s.shape[0]
+    lo, hi = np.percentile(s, [2, 98])
+    if hi - lo < 1e-3:
+        return None
+    s = ndimage.gaussian_filter(np.clip((s - lo) / (hi - lo), 0, 1), 1.5)
+    otsu = _otsu(s[n // 8 : n - n // 8, n // 8 : n - n // 8].ravel())
+    best, best_area, best_thr = [], 0, otsu
+    for thr in (otsu + 0.05, otsu, otsu - 0.05, otsu - 0.1, otsu - 0.15):
+        cands = sorted(_candidates(s, thr, split), key=lambda k: -k[0])
+        pair = [k for k in cands if k[2] < 0.5][:1] + [k for k in cands if k[2] >= 0.5][:1]
+        area = sum(k[0] for k in pair) * (1.5 if len(pair) == 2 else 1.0)
+        if area > best_area:
+            best, best_area, best_thr = pair, area, thr
+    return (s, best_thr, best) if best else None
+
+
 def lung_box(g: np.ndarray, *, pad: float = 0.05, min_side: float = 0.5) -> tuple[int, int, int, int]:
     """``H x W`` gray image in [0, 1] -> ``(y0, y1, x0, x1)`` box around the lung fields.
 
@@ -94,25 +148,11 @@ def lung_box(g: np.ndarray, *, pad: float = 0.05, min_side: float = 0.5) -> tupl
     about the image's vertical midline (films are centred on the spine).
     """
     h, w = g.shape
-    full = (0, h, 0, w)
-    if h < 32 or w < 32:
-        return full
-    s = _small(g)
+    found = _lung_pair(g)
+    if found is None:
+        return (0, h, 0, w)
+    s, _, best = found
     n = s.shape[0]
-    lo, hi = np.percentile(s, [2, 98])
-    if hi - lo < 1e-3:
-        return full
-    s = ndimage.gaussian_filter(np.clip((s - lo) / (hi - lo), 0, 1), 1.5)
-    otsu = _otsu(s[n // 8 : n - n // 8, n // 8 : n - n // 8].ravel())
-    best, best_area = [], 0
-    for thr in (otsu + 0.05, otsu, otsu - 0.05, otsu - 0.1, otsu - 0.15):
-        cands = sorted(_candidates(s, thr), key=lambda k: -k[0])
-        pair = [k for k in cands if k[2] < 0.5][:1] + [k for k in cands if k[2] >= 0.5][:1]
-        area = sum(k[0] for k in pair) * (1.5 if len(pair) == 2 else 1.0)
-        if area > best_area:
-            best, best_area = pair, area
-    if not best:
-        return full
     y0 = min(k[1][0].start for k in best) / n - pad
     y1 = max(k[1][0].stop for k in best) / n + pad
     x0 = min(k[1][1].start for k in best) / n - pad
@@ -128,9 +168,60 @@ def lung_box(g: np.ndarray, *, pad: float = 0.05, min_side: float = 0.5) -> tupl
     return int(round(y0 * h)), int(round(y1 * h)), int(round(x0 * w)), int(round(x1 * w))
 
 
-def crop_to_lungs(g: np.ndarray) -> np.ndarray:
-    y0, y1, x0, x1 = lung_box(g)
-    return g[y0:y1, x0:x1]
+MASK_VERSION = 1  # of lung_field_mask; part of the preprocessing cache key, bump when it changes
+MASK_GROW = 2  # lung_field_mask: pixels of the working copy added around each lung's hull (pleura)
+
+
+def _hull(region: np.ndarray) -> np.ndarray:
+    """The convex hull of a boolean region (filled): a lung's outline with the dense lesions that a threshold
+    cuts out of it (consolidation at the pleura, nodules) taken back in."""
+    pts = np.argwhere(region)
+    try:
+        tri = Delaunay(pts[ConvexHull(pts).vertices])
+    except QhullError:  # flat or tiny region
+        return region
+    grid = np.argwhere(np.ones(region.shape, bool))
+    return (tri.find_simplex(grid) >= 0).reshape(region.shape) | region
+
+
+def lung_field_mask(g: np.ndarray) -> np.ndarray:
+    """``H x W`` boolean mask of the lung fields found by :func:`lung_box`'s search (the ``data.lung_mask``
+    option): the convex hull of each of the two lung-shaped dark regions, so that dense lesions inside or at
+    the edge of a lung (consolidation, nodules) stay in, grown by a few pixels; one lung found -> mirrored about
+    the midline (the other may be white with consolidation). All ``True`` when nothing lung-shaped is found.
+    """
+    h, w = g.shape
+    found = _lung_pair(g, split=True)
+    if found is None:
+        return np.ones((h, w), bool)
+    s, thr, best = found
+    labels, _ = ndimage.label(_dark(s, thr, split=True))
+    m = np.zeros(s.shape, bool)
+    for _, sl, _ in best:
+        inside = labels[sl][labels[sl] > 0]
+        m |= _hull(labels == np.bincount(inside).argmax())  # the region _candidates measured in this box
+    if len(best) == 1:
+        m |= m[:, ::-1]
+    m = ndimage.binary_dilation(m, iterations=MASK_GROW)
+    ys = np.minimum((np.arange(h) * s.shape[0]) // h, s.shape[0] - 1)
+    xs = np.minimum((np.arange(w) * s.shape[1]) // w, s.shape[1] - 1)
+    return m[np.ix_(ys, xs)]
+
+
+def frame_lungs(g: np.ndarray, *, crop: bool = True, mask: bool = False) -> np.ndarray:
+    """The ``data.lung_crop`` / ``data.lung_mask`` options: outside the lung fields set to black (``mask``),
+    then the image cut to the box around them (``crop``: :func:`lung_box`, or with ``mask`` the mask's own box)."""
+    if not mask:
+        if not crop:
+            return g
+        y0, y1, x0, x1 = lung_box(g)
+        return g[y0:y1, x0:x1]
+    m = lung_field_mask(g)
+    out = np.where(m, g, np.float32(0.0)).astype(np.float32)
+    if crop and not m.all():
+        y0, y1, x0, x1 = lung_bbox(m)
+        out = out[y0:y1, x0:x1]
+    return out
 
 
 SIZE = 128  # the network's input side

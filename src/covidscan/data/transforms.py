@@ -28,7 +28,7 @@ from covidscan.config import LUNG_OPTIONS
 from covidscan.data.hounsfield import BODY_CROP_VERSION, crop_to_body, window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
-from covidscan.data.lungs import apply_lungs, crop_to_lungs
+from covidscan.data.lungs import MASK_VERSION, apply_lungs, frame_lungs
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
 
@@ -42,6 +42,7 @@ class Preprocess:
     equalize: histogram equalisation after resizing (contrast normalisation across sources).
     crop: fraction of width / height cut from each border before resizing (text, markers).
     lung_crop: crop to the box around the lung fields found by thresholding (covidscan.data.lungs).
+    lung_mask: set everything outside those lung fields to black (CT: heart, chest wall, table, framing).
     body_crop: CT: crop an axial slice to the body (air, table and text around it cut; covidscan.data.hounsfield).
     lungs: the learned lung mask (covidscan.data.lungs): ``none``, ``crop`` (to the lung box), ``mask``
         (outside the lungs set to the median grey) or ``both``.
@@ -60,6 +61,7 @@ class Preprocess:
     lungs: str = "none"
     hu_window: tuple[float, float] | None = None
     body_crop: bool = False
+    lung_mask: bool = False
 
     def __post_init__(self):
         if not isinstance(self.image_size, int) or not 8 <= self.image_size <= 4096:
@@ -80,6 +82,7 @@ class Preprocess:
         """What the decoded, resized uint8 image depends on (keys the on-disk cache)."""
         key = f"{self.image_size}_v{self.version}_eq{int(self.equalize)}_c{self.crop:g}"
         key += "_lung" if self.lung_crop else ""
+        key += f"_lmask{MASK_VERSION}" if self.lung_mask else ""
         key += f"_body{BODY_CROP_VERSION}" if self.body_crop else ""
         key += f"_hu{self.hu_window[0]:g}w{self.hu_window[1]:g}" if self.hu_window else ""
         return key + (f"_seg{self.lungs}{SEGMENTER_VERSION}" if self.lungs != "none" else "")
@@ -98,6 +101,7 @@ class Preprocess:
             lungs=str(d.get("lungs", "none")),
             hu_window=tuple(float(v) for v in d["hu_window"]) if d.get("hu_window") is not None else None,
             body_crop=bool(d.get("body_crop", False)),
+            lung_mask=bool(d.get("lung_mask", False)),
         )
 
     def to_dict(self) -> dict:
@@ -108,12 +112,14 @@ class Preprocess:
             d["hu_window"] = list(d["hu_window"])
         if not d["body_crop"]:
             del d["body_crop"]  # checkpoints without it keep the layout they always had
+        if not d["lung_mask"]:
+            del d["lung_mask"]
         return d
 
     @classmethod
     def for_backbone(
         cls, spec, image_size: int = 0, *, equalize: bool = False, crop: float = 0.0, lung_crop: bool = False, lungs: str = "none",
-        hu_window: tuple[float, float] | None = None, body_crop: bool = False,
+        hu_window: tuple[float, float] | None = None, body_crop: bool = False, lung_mask: bool = False,
     ) -> Preprocess:  # fmt: skip
         return cls(
             image_size=image_size or spec.input_size,
@@ -125,6 +131,7 @@ class Preprocess:
             lungs=lungs,
             hu_window=hu_window,
             body_crop=body_crop,
+            lung_mask=lung_mask,
         )
 
     @classmethod
@@ -146,6 +153,7 @@ class Preprocess:
             lungs=data_cfg.lungs,
             hu_window=hu,
             body_crop=data_cfg.body_crop,
+            lung_mask=data_cfg.lung_mask,
         )
 
 
@@ -179,8 +187,8 @@ def to_gray_uint8(scan: ScanImage | np.ndarray, pre: Preprocess | int) -> torch.
         g = crop_to_body(g)
     if not isinstance(pre, int) and pre.lungs != "none":
         g = apply_lungs(g, pre.lungs)
-    if not isinstance(pre, int) and pre.lung_crop:
-        g = crop_to_lungs(g)
+    if not isinstance(pre, int) and (pre.lung_crop or pre.lung_mask):
+        g = frame_lungs(g, crop=pre.lung_crop, mask=pre.lung_mask)
     t = torch.from_numpy(np.ascontiguousarray(g, dtype=np.float32))[None]  # 1 x H x W
     t = TF.resize(t, [size, size], interpolation=v2.InterpolationMode.BILINEAR, antialias=True)
     out = (t.clamp(0, 1) * 255).round().to(torch.uint8)

@@ -197,7 +197,7 @@ def loso_markdown(r: dict) -> str:
         f"Config: backbone {r['config']['model']['backbone']}, head {r['config']['model']['head']}, "
         f"weights {r['config']['model']['weights']}, sampler {r['config']['train']['sampler']}, "
         f"equalize {r['config']['data']['equalize']}, crop {r['config']['data']['crop']}, "
-        f"lung crop {r['config']['data'].get('lung_crop', False)}",
+        f"lung crop {r['config']['data'].get('lung_crop', False)}, lung mask {r['config']['data'].get('lung_mask', False)}",
         "",
         f"Training options: {_training_options(r['config'])}",
         "",
