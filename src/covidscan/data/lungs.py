@@ -115,7 +115,10 @@ def _candidates(s: np.ndarray, thr: float, split: bool = False) -> list[tuple[in
     return out
 
 
-def _lung_pair(g: np.ndarray, split: bool = False) -> tuple[np.ndarray, float, list[tuple[int, tuple[slice, slice], float]]] | None:
+Region = tuple[int, tuple[slice, slice], float]  # area, bounding box, centre x (fraction of the side)
+
+
+def _lung_pair(g: np.ndarray, split: bool = False) -> tuple[np.ndarray, float, list[Region]] | None:
     """The working copy, the chosen threshold and the left and right lung-shaped regions (steps 1-3 above);
     ``None`` when the image is too small or flat, or nothing lung-shaped is found. ``split``: lungs joined
     into one region are cut apart first (:func:`_split_merged`; the mask's search, not the box's, whose
