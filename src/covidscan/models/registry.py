@@ -33,6 +33,8 @@ class BackboneSpec:
         ImportError / FileNotFoundError when the package is absent), or None.
     offline_weights_package: the pip requirement that provides ``offline_weights``.
     min_size: the smallest square input the network accepts (InceptionV3's stem needs 75 px).
+    style_layers: submodules of the assembled classifier (early stages) after which ``train.mixstyle`` blends
+        feature styles (covidscan.training.mixstyle); empty: the backbone does not support it.
     """
 
     name: str
@@ -45,6 +47,7 @@ class BackboneSpec:
     offline_weights: Callable[[], dict] | None = None
     offline_weights_package: str | None = None
     min_size: int = 32  # smallest input side the network's strides and kernels accept
+    style_layers: tuple[str, ...] = ()
 
 
 _REGISTRY: dict[str, BackboneSpec] = {}

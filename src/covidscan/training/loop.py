@@ -52,7 +52,7 @@ from covidscan.data.dataset import (
 )
 from covidscan.data.transforms import Preprocess
 from covidscan.errors import ConfigError
-from covidscan.models import build_model
+from covidscan.models import build_model, get_backbone
 from covidscan.reports import plot_history
 from covidscan.results import atomic_write
 from covidscan.runtime import RunContext, autocast_for
@@ -77,6 +77,7 @@ from covidscan.training.keeper import (
     resumed_config,
     training_record,
 )
+from covidscan.training.mixstyle import mixing_styles
 from covidscan.training.steps import EpochProgress, class_weights, make_optimizer, precise_bn, train_one_epoch, validate
 
 logger = logging.getLogger(__name__)
@@ -287,7 +288,9 @@ def run_epoch(
     )
     per_epoch = -(-len(order) // bs) if not drop_last else len(order) // bs
     on_step = step_hook(cfg, epoch, model, fit, run, keeper, per_epoch)
-    with fit.net.join() if isinstance(fit.net, DDP) else nullcontext():  # processes may get one batch more or less
+    # MixStyle hooks live only for the optimisation steps: precise BN, validation and checkpoints never see them
+    styles = mixing_styles(model, get_backbone(cfg.model.backbone).style_layers, 0.0 if fit.fast else cfg.train.mixstyle)
+    with fit.net.join() if isinstance(fit.net, DDP) else nullcontext(), styles:  # processes may get one batch more or less
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
