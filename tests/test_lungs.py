@@ -83,10 +83,11 @@ def test_lung_crop_option_contract_and_checkpointed():
     assert Preprocess.from_dict({k: v for k, v in plain.to_dict().items() if k != "lung_crop"}) == plain  # older checkpoints
 
 
-def axial(h=220, w=260, bridge=False, lesion=False, seed=0):
+def axial(h=220, w=260, bridge=False, lesion=False, seed=0, lesion_size=(0.03, 0.04)):
     """A synthetic axial CT slice in a lung window: dark air around a bright body, two dark lungs; ``bridge``
-    joins the lungs across the midline (anterior junction); ``lesion`` puts a bright consolidation on the
-    outer edge of the right-hand lung. Returns the image, the two lungs' mask and the lesion's mask."""
+    joins the lungs across the midline (anterior junction); ``lesion`` puts a bright consolidation (radii
+    ``lesion_size``, fractions of the side) against the pleura of the right-hand lung. Returns the image,
+    the two lungs' mask and the lesion's mask."""
     rng = np.random.default_rng(seed)
     yy, xx = np.mgrid[0:h, 0:w] / np.array([h, w])[:, None, None]
     img = np.full((h, w), 0.05, np.float32)
@@ -98,7 +99,7 @@ def axial(h=220, w=260, bridge=False, lesion=False, seed=0):
     if bridge:
         lungs |= (np.abs(xx - 0.5) < 0.06) & (np.abs(yy - 0.35) < 0.1)
     img[lungs] = 0.2
-    les = ((xx - 0.8) / 0.04) ** 2 + ((yy - 0.5) / 0.08) ** 2 < 1
+    les = ((xx - 0.8) / lesion_size[0]) ** 2 + ((yy - 0.5) / lesion_size[1]) ** 2 < 1
     if lesion:
         img[les] = 0.8  # as bright as soft tissue: a threshold alone would cut it out of the lung
     img += 0.02 * rng.standard_normal((h, w)).astype(np.float32)
@@ -120,7 +121,22 @@ def test_lung_mask_keeps_the_lungs_and_drops_body_and_air(bridge):
 def test_lung_mask_takes_in_a_lesion_at_the_lung_edge():
     img, lungs, les = axial(lesion=True)
     m = lung_field_mask(img)
-    assert m[les & lungs].mean() > 0.9  # the consolidation stays in (the convex hull), not cut out as "body"
+    assert m[les & lungs].mean() > 0.9  # the consolidation stays in (closed and filled), not cut out as "body"
+
+
+@pytest.mark.parametrize("centre, radius", [(0.75, 0.2), (0.7, 0.22), (0.65, 0.25)])
+def test_lung_mask_leaves_out_the_liver_dome_at_the_lung_base(centre, radius):
+    """At the lung base the right lung is a crescent around the liver dome: bright tissue inside the lung's
+    convex hull that looks like consolidation. The crescent stays in, the dome stays out, also when the
+    crescent is too short for the lung search's shape test (the other side is then searched, not mirrored)."""
+    img, lungs, _ = axial()
+    h, w = img.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dome = ((xx - 0.32 * w) ** 2 + (yy - centre * h) ** 2 < (radius * h) ** 2) & lungs
+    img[dome] = 0.85
+    m = lung_field_mask(img)
+    assert m[lungs & ~dome].mean() > 0.95  # both lungs, the crescent included
+    assert m[dome].mean() < 0.2  # a convex hull (or the other lung mirrored) took in all of it
 
 
 @pytest.mark.parametrize("img", [np.full((200, 200), 0.5, np.float32), np.zeros((20, 20), np.float32)])

@@ -21,8 +21,10 @@ A chest film shows the lungs as the two large dark regions inside the brighter b
 4. the box around that pair, padded, mirrored about the midline when only one lung was
    found, and widened to a minimum size;
 5. for ``lung_mask`` (:func:`lung_field_mask`; lungs joined into one region are cut apart first): the
-   convex hull of each lung, so that dense lesions inside or at the edge of a lung stay in, grown by a few
-   pixels; the rest is set to black.
+   outline of each lung closed (a disk of about 5% of the side) and its holes filled, so that dense lesions
+   inside or at the edge of a lung stay in without bridging the liver dome or the heart, grown by a few
+   pixels; the rest is set to black. When only one lung passes the shape test, the other is the dark
+   regions inside its mirror image (a crescent at the lung base), the mirror image only when there are none.
 
 When nothing plausible is found the whole image is returned, so the crop can only
 remove borders, text and markers, never the chest. Deterministic: no randomness.
@@ -38,7 +40,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy import ndimage
-from scipy.spatial import ConvexHull, Delaunay, QhullError
 from torch import nn
 
 from covidscan.errors import CheckpointError
@@ -171,27 +172,54 @@ def lung_box(g: np.ndarray, *, pad: float = 0.05, min_side: float = 0.5) -> tupl
     return int(round(y0 * h)), int(round(y1 * h)), int(round(x0 * w)), int(round(x1 * w))
 
 
-MASK_VERSION = 1  # of lung_field_mask; part of the preprocessing cache key, bump when it changes
-MASK_GROW = 2  # lung_field_mask: pixels of the working copy added around each lung's hull (pleura)
+MASK_VERSION = 2  # of lung_field_mask; part of the preprocessing cache key, bump when it changes
+MASK_GROW = 2  # lung_field_mask: pixels of the working copy added around each lung's outline (pleura)
 
 
-def _hull(region: np.ndarray) -> np.ndarray:
-    """The convex hull of a boolean region (filled): a lung's outline with the dense lesions that a threshold
-    cuts out of it (consolidation at the pleura, nodules) taken back in."""
-    pts = np.argwhere(region)
-    try:
-        tri = Delaunay(pts[ConvexHull(pts).vertices])
-    except QhullError:  # flat or tiny region
-        return region
-    grid = np.argwhere(np.ones(region.shape, bool))
-    return (tri.find_simplex(grid) >= 0).reshape(region.shape) | region
+MASK_CLOSE = 6  # lung_field_mask: radius (pixels of the working copy) of the closing that takes lesions back in
+
+
+def _disk(r: int) -> np.ndarray:
+    y, x = np.ogrid[-r : r + 1, -r : r + 1]
+    return x * x + y * y <= r * r
+
+
+def _fill(region: np.ndarray) -> np.ndarray:
+    """A lung's outline with the dense lesions that a threshold cuts out of it taken back in: a morphological
+    closing (a disk of radius :data:`MASK_CLOSE`, about 5% of the side) then holes filled. Unlike a convex hull
+    it does not bridge the wide concavities of a lung base (the liver dome, the heart), which a hull filled
+    with bright tissue that looks like consolidation; the price is that a consolidation wider than the disk
+    against the chest wall is cut back."""
+    r = MASK_CLOSE
+    padded = np.pad(region, r + 1)
+    closed = ndimage.binary_closing(padded, structure=_disk(r))[r + 1 : -r - 1, r + 1 : -r - 1]
+    return ndimage.binary_fill_holes(closed | region)
+
+
+OTHER_LUNG_MIN = 0.2  # _other_lung: dark area found on the other side, as a share of the found lung, to use it
+
+
+def _other_lung(labels: np.ndarray, found: np.ndarray) -> np.ndarray:
+    """The other lung when the search found one (``found``: its filled outline): the dark regions lying mostly
+    inside the mirror image of the found lung, each filled (:func:`_fill`), when they add up to at least
+    :data:`OTHER_LUNG_MIN` of it (a lung too thin or short for the search's shape test: a crescent at the lung
+    base around the liver dome or the heart); otherwise the mirror image itself (a lung white with
+    consolidation, or absent)."""
+    mirror = found[:, ::-1]
+    out = np.zeros_like(found)
+    for i in np.unique(labels[mirror & ~found]):
+        region = labels == i
+        if i and (region & mirror).sum() > 0.5 * region.sum():
+            out |= _fill(region)
+    return out & ~found if out.sum() >= OTHER_LUNG_MIN * found.sum() else mirror
 
 
 def lung_field_mask(g: np.ndarray) -> np.ndarray:
     """``H x W`` boolean mask of the lung fields found by :func:`lung_box`'s search (the ``data.lung_mask``
-    option): the convex hull of each of the two lung-shaped dark regions, so that dense lesions inside or at
-    the edge of a lung (consolidation, nodules) stay in, grown by a few pixels; one lung found -> mirrored about
-    the midline (the other may be white with consolidation). All ``True`` when nothing lung-shaped is found.
+    option): each of the two lung-shaped dark regions closed and filled (:func:`_fill`), so that dense lesions
+    inside or at the edge of a lung (consolidation, nodules) stay in, grown by a few pixels; one lung found -> the dark
+    regions inside its mirror image (:func:`_other_lung`), or the mirror image itself when there are none (the
+    other lung may be white with consolidation). All ``True`` when nothing lung-shaped is found.
     """
     h, w = g.shape
     found = _lung_pair(g, split=True)
@@ -202,9 +230,9 @@ def lung_field_mask(g: np.ndarray) -> np.ndarray:
     m = np.zeros(s.shape, bool)
     for _, sl, _ in best:
         inside = labels[sl][labels[sl] > 0]
-        m |= _hull(labels == np.bincount(inside).argmax())  # the region _candidates measured in this box
+        m |= _fill(labels == np.bincount(inside).argmax())  # the region _candidates measured in this box
     if len(best) == 1:
-        m |= m[:, ::-1]
+        m |= _other_lung(labels, m)
     m = ndimage.binary_dilation(m, iterations=MASK_GROW)
     ys = np.minimum((np.arange(h) * s.shape[0]) // h, s.shape[0] - 1)
     xs = np.minimum((np.arange(w) * s.shape[1]) // w, s.shape[1] - 1)
