@@ -165,3 +165,18 @@ def test_lung_mask_option_contract_and_checkpointed():
     assert "lung_mask" not in plain.to_dict()  # checkpoints without it keep their layout
     both = Preprocess.for_backbone(spec, 64, lung_mask=True, lung_crop=True)
     assert both.cache_key() not in (pre.cache_key(), plain.cache_key())
+
+
+def test_checkpoint_of_another_lung_mask_version_warns(caplog):
+    from covidscan.data.lungs import MASK_VERSION
+
+    pre = Preprocess.for_backbone(get_backbone("densenet121"), 64, lung_mask=True)
+    d = pre.to_dict()
+    assert d["lung_mask_version"] == MASK_VERSION
+    with caplog.at_level("WARNING"):
+        assert Preprocess.from_dict(d) == pre
+    assert "lung mask version" not in caplog.text
+    old = {k: v for k, v in d.items() if k != "lung_mask_version"}  # written before the mask was versioned: 1
+    with caplog.at_level("WARNING"):
+        assert Preprocess.from_dict(old) == pre
+    assert "lung mask version 1" in caplog.text

@@ -16,6 +16,7 @@ uses exactly what train used.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import asdict, dataclass
 
@@ -29,6 +30,8 @@ from covidscan.data.hounsfield import BODY_CROP_VERSION, crop_to_body, window
 from covidscan.data.io import ScanImage
 from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 from covidscan.data.lungs import MASK_VERSION, apply_lungs, frame_lungs
+
+logger = logging.getLogger(__name__)
 
 PREPROCESS_VERSION = 1  # bump when to_gray_uint8 changes: it keys the on-disk cache
 
@@ -89,8 +92,9 @@ class Preprocess:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocess:
-        """Inverse of :meth:`to_dict`; keys of older versions (``channel_policy``, ``resize``) are ignored."""
-        return cls(
+        """Inverse of :meth:`to_dict`; keys of older versions (``channel_policy``, ``resize``) are ignored. A
+        checkpoint whose lung mask (``lung_mask_version``) differs from this version's is loaded with a warning."""
+        pre = cls(
             image_size=int(d["image_size"]),
             mean=tuple(float(v) for v in d["mean"]),
             std=tuple(float(v) for v in d["std"]),
@@ -103,6 +107,13 @@ class Preprocess:
             body_crop=bool(d.get("body_crop", False)),
             lung_mask=bool(d.get("lung_mask", False)),
         )
+        if d.get("lung_mask") and int(d.get("lung_mask_version", 1)) != MASK_VERSION:
+            logger.warning(
+                "this checkpoint was trained on lung mask version %s; this covidscan draws version %d "
+                "(covidscan.data.lungs), so its inputs differ from training: retrain it",
+                d.get("lung_mask_version", 1), MASK_VERSION,
+            )  # fmt: skip
+        return pre
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -114,6 +125,8 @@ class Preprocess:
             del d["body_crop"]  # checkpoints without it keep the layout they always had
         if not d["lung_mask"]:
             del d["lung_mask"]
+        else:
+            d["lung_mask_version"] = MASK_VERSION  # what the checkpoint was trained on
         return d
 
     @classmethod
