@@ -28,8 +28,8 @@ from torchvision.transforms.v2 import functional as TF
 from covidscan.config import LUNG_OPTIONS
 from covidscan.data.hounsfield import BODY_CROP_VERSION, crop_to_body, window
 from covidscan.data.io import ScanImage
-from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 from covidscan.data.lungs import MASK_VERSION, apply_lungs, frame_lungs
+from covidscan.data.lungs import VERSION as SEGMENTER_VERSION
 
 logger = logging.getLogger(__name__)
 
@@ -107,11 +107,12 @@ class Preprocess:
             body_crop=bool(d.get("body_crop", False)),
             lung_mask=bool(d.get("lung_mask", False)),
         )
-        if d.get("lung_mask") and int(d.get("lung_mask_version", 1)) != MASK_VERSION:
+        trained_on = int(d.get("lung_mask_version", 1))  # checkpoints written before the mask was versioned: 1
+        if pre.lung_mask and trained_on != MASK_VERSION:
             logger.warning(
-                "this checkpoint was trained on lung mask version %s; this covidscan draws version %d "
+                "this checkpoint was trained on lung mask version %d; this covidscan draws version %d "
                 "(covidscan.data.lungs), so its inputs differ from training: retrain it",
-                d.get("lung_mask_version", 1), MASK_VERSION,
+                trained_on, MASK_VERSION,
             )  # fmt: skip
         return pre
 
