@@ -85,6 +85,7 @@ class TrainConfig:
     class_weights: bool = False  # weight the loss by inverse class frequency in train
     mixup: float = 0.0  # mixup (Zhang et al. 2018): blend each batch with a shuffled copy, weight ~ Beta(a, a); 0 = off
     mixstyle: float = 0.0  # MixStyle (Zhou et al. 2021): probability per batch and early layer of blending feature styles across images; 0 = off
+    adversary: float = 0.0  # conditional source adversary (DANN / CDANN): weight of its reversed gradient, ramped from 0; 0 = off
     sampler: str = "plain"  # plain (shuffle) | balanced (equal draws per label x source cell)
     strata: str = ""  # balanced sampler: also split cells by this manifest field (e.g. view: label x source x view)
     seed: int = 0
@@ -283,6 +284,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"train.mixup={cfg.train.mixup}: must be >= 0 (the Beta distribution's parameter; 0 = off)")
     if not 0 <= cfg.train.mixstyle <= 1:
         raise ConfigError(f"train.mixstyle={cfg.train.mixstyle}: a probability in [0, 1] (0 = off)")
+    if cfg.train.adversary < 0:
+        raise ConfigError(f"train.adversary={cfg.train.adversary}: must be >= 0 (the reversed gradient's weight; 0 = off)")
+    if cfg.train.adversary and cfg.model.freeze_backbone:
+        raise ConfigError("train.adversary shapes the backbone's features: it needs model.freeze_backbone=false")
+    if cfg.train.adversary and cfg.train.mixup:
+        raise ConfigError("train.adversary and train.mixup together: a blended image has no one source; set one of them to 0")
     if cfg.model.backbone not in list_backbones():
         raise ConfigError(f"unknown backbone {cfg.model.backbone!r}; registered: {', '.join(list_backbones())}")
     least = get_backbone(cfg.model.backbone).min_size

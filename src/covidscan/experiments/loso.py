@@ -184,7 +184,7 @@ def _training_options(config: dict) -> str:
     """Augmentation and training fields as ``key=value`` (what tells two recipes apart)."""
     keep = ("enabled", "crop_scale", "gamma", "blur", "jpeg", "noise", "brightness", "contrast")
     aug = [f"{k}={v}" for k, v in config.get("augment", {}).items() if k in keep]
-    keep = ("epochs", "lr", "batch_size", "seed", "precise_bn", "swa_start", "mixup", "mixstyle", "strata")
+    keep = ("epochs", "lr", "batch_size", "seed", "precise_bn", "swa_start", "mixup", "mixstyle", "adversary", "strata")
     train = [f"{k}={v}" for k, v in config.get("train", {}).items() if k in keep]
     excluded = config.get("data", {}).get("exclude")
     return "augment " + ", ".join(aug) + "; train " + ", ".join(train) + (f"; data exclude={excluded}" if excluded else "")

@@ -77,6 +77,7 @@ from covidscan.training.keeper import (
     resumed_config,
     training_record,
 )
+from covidscan.training.adversary import SourceAdversary
 from covidscan.training.mixstyle import mixing_styles
 from covidscan.training.steps import EpochProgress, class_weights, make_optimizer, precise_bn, train_one_epoch, validate
 
@@ -187,6 +188,7 @@ class Fitting:
     workers: int
     swa: AveragedModel | None = None  # train.swa_start: running average of the weights
     writer: object | None = None  # train.log=tensorboard: a SummaryWriter (main process only)
+    adversary: SourceAdversary | None = None  # train.adversary: the source adversary (never part of the model)
 
 
 def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
@@ -211,7 +213,26 @@ def prepare(cfg: Config, model, data: TrainData, run: RunContext) -> Fitting:
     if run.distributed:
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
     swa = AveragedModel(model, use_buffers=False) if cfg.train.swa_start else None
-    return Fitting(net, fast, optimizer, class_w, workers, swa)
+    return Fitting(net, fast, optimizer, class_w, workers, swa, adversary=source_adversary(cfg, model, data, run))
+
+
+def source_adversary(cfg: Config, model, data: TrainData, run: RunContext) -> SourceAdversary | None:
+    """``train.adversary`` > 0: a conditional source adversary over the training images' sources, ramped over
+    every optimisation step of the run (one process only: its gradients are not shared between processes)."""
+    if not cfg.train.adversary:
+        return None
+    if run.distributed:
+        raise ConfigError("train.adversary runs on one process only (its own gradients are not all-reduced)")
+    recs = data.train_records
+    if len({r.source for r in recs}) < 2:
+        logger.warning("train.adversary: the training images come from one source; nothing to make unguessable")
+    steps = cfg.train.epochs * max(len(data.train) // cfg.train.batch_size, 1)
+    if cfg.train.max_batches:
+        steps = cfg.train.epochs * min(cfg.train.max_batches, steps // cfg.train.epochs)
+    return SourceAdversary.for_training(
+        model, data.train.indices, data.train.labels(), [r.source for r in recs], len(data.store.images),
+        weight=cfg.train.adversary, total_steps=steps,
+    ).to(run.device)  # fmt: skip
 
 
 def _autocast(cfg: Config, device):
@@ -290,11 +311,13 @@ def run_epoch(
     on_step = step_hook(cfg, epoch, model, fit, run, keeper, per_epoch)
     # MixStyle hooks live only for the optimisation steps: precise BN, validation and checkpoints never see them
     styles = mixing_styles(model, get_backbone(cfg.model.backbone).style_layers, 0.0 if fit.fast else cfg.train.mixstyle)
-    with fit.net.join() if isinstance(fit.net, DDP) else nullcontext(), styles:  # processes may get one batch more or less
+    # the source adversary likewise: attached for the optimisation steps only
+    adversary = fit.adversary.attached(model) if fit.adversary is not None else nullcontext()
+    with fit.net.join() if isinstance(fit.net, DDP) else nullcontext(), styles, adversary as adv:
         done = train_one_epoch(
             fit.net, loader, fit.optimizer, pre=data.pre, device=device, autocast=autocast, class_w=fit.class_w,
             channels_last=cfg.train.channels_last and not fit.fast, max_batches=cfg.train.max_batches, bar=bar,
-            progress=done, on_step=on_step, mixup=cfg.train.mixup,
+            progress=done, on_step=on_step, mixup=cfg.train.mixup, adversary=adv,
         )  # fmt: skip
     if bar is not None:
         bar.close()
@@ -305,6 +328,8 @@ def run_epoch(
     if run.is_main:
         val_loader = _val_loader(cfg, data, fit, device)
         row = {"epoch": epoch, "train_loss": done["train_loss"], "train_acc": done["train_acc"]}
+        if fit.adversary is not None:  # how well the adversary guessed the source this epoch
+            row.update(fit.adversary.metrics())
         row.update(validate(fit.net if fit.fast else model, val_loader, pre=data.pre, device=device, autocast=autocast))
         row.update(train_images_per_s=(done["seen"] - seen_before) / max(train_secs, 1e-9), seconds=time.perf_counter() - t0)
         if device.type == "cuda":

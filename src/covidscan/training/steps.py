@@ -46,7 +46,7 @@ class EpochProgress:
 
 def train_one_epoch(
     net, loader, optimizer, *, pre, device, autocast, class_w=None, channels_last=False, max_batches=0, bar=None,
-    progress: EpochProgress | None = None, on_step=None, mixup: float = 0.0,
+    progress: EpochProgress | None = None, on_step=None, mixup: float = 0.0, adversary=None,
 ) -> dict:  # fmt: skip
     """One pass over ``loader``; returns ``{"train_loss", "train_acc", "seen"}`` (means over images).
 
@@ -56,6 +56,10 @@ def train_one_epoch(
 
     ``progress``: continue an epoch resumed after ``progress.step`` steps (``loader`` then yields the
     remaining batches only); ``on_step(progress)`` is called after every optimizer step.
+
+    ``adversary``: a :class:`~covidscan.training.adversary.SourceAdversary` attached to ``net``; its loss
+    (through a reversed gradient) is added to each step's, and it takes its own optimizer step. The reported
+    ``train_loss`` stays the classification loss.
     """
     p = progress or EpochProgress()
     for batch in loader:
@@ -76,8 +80,14 @@ def train_one_epoch(
         if perm is not None:
             loss = lam * loss + (1 - lam) * F.cross_entropy(logits.float(), y[perm], weight=class_w)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        if adversary is not None:
+            adversary.zero_grad()
+            (loss + adversary.loss(batch["index"], y)).backward()
+        else:
+            loss.backward()
         optimizer.step()
+        if adversary is not None:
+            adversary.step()
         n = y.numel()
         p.step += 1
         p.seen += n
