@@ -59,9 +59,10 @@ class SourceAdversary(nn.Module):
     """
 
     def __init__(self, in_features: int, allowed: torch.Tensor, rows_to_source: torch.Tensor, *, weight: float,
-                 total_steps: int, lr: float = 1e-3) -> None:  # fmt: skip
+                 total_steps: int, lr: float = 1e-3, source_names: Sequence[str] = ()) -> None:  # fmt: skip
         super().__init__()
         self.num_classes, self.num_sources = allowed.shape
+        self.source_names = list(source_names)  # source id -> name (for reading the guesses)
         self.net = nn.Sequential(nn.Linear(in_features, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, self.num_classes * self.num_sources))
         self.register_buffer("allowed", allowed.bool())
         self.register_buffer("rows_to_source", rows_to_source.long())
@@ -82,9 +83,8 @@ class SourceAdversary(nn.Module):
         for r, y, s in zip(rows, labels, sources):
             allowed[int(y), sid[s]] = True
             rows_to_source[int(r)] = sid[s]
-        adv = cls(model.head.fc.in_features, allowed, rows_to_source, weight=weight, total_steps=total_steps)
-        adv.source_names = names
-        return adv
+        return cls(model.head.fc.in_features, allowed, rows_to_source, weight=weight, total_steps=total_steps,
+                   source_names=names)  # fmt: skip
 
     def scale(self) -> float:
         """The reversed gradient's multiplier at this step: ``weight`` times the DANN ramp."""

@@ -226,13 +226,13 @@ def source_adversary(cfg: Config, model, data: TrainData, run: RunContext) -> So
     recs = data.train_records
     if len({r.source for r in recs}) < 2:
         logger.warning("train.adversary: the training images come from one source; nothing to make unguessable")
-    steps = cfg.train.epochs * max(len(data.train) // cfg.train.batch_size, 1)
+    per_epoch = max(len(data.train) // cfg.train.batch_size, 1)  # run_epoch drops the last partial batch
     if cfg.train.max_batches:
-        steps = cfg.train.epochs * min(cfg.train.max_batches, steps // cfg.train.epochs)
+        per_epoch = min(per_epoch, cfg.train.max_batches)
     return SourceAdversary.for_training(
         model, data.train.indices, data.train.labels(), [r.source for r in recs], len(data.store.images),
-        weight=cfg.train.adversary, total_steps=steps,
-    ).to(run.device)  # fmt: skip
+        weight=cfg.train.adversary, total_steps=cfg.train.epochs * per_epoch,
+    )  # fmt: skip
 
 
 def _autocast(cfg: Config, device):
