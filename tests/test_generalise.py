@@ -232,3 +232,36 @@ def test_device_data_path_trains(tmp_path):
 
     a, b = load_checkpoint(res.last_checkpoint)["state_dict"], load_checkpoint(resumed.last_checkpoint)["state_dict"]
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sharpen_raises_fine_detail_and_blur_lowers_it():
+    """augment.sharpen (a sharper CT kernel) and augment.blur (a softer one) move the image's fine detail in
+    opposite directions, keep its size, type and mean grey level, and are left out of the pipeline when 0."""
+    from covidscan.config import AugmentConfig
+    from covidscan.data.transforms import RandomDownUp, RandomSharpen, build_augment
+
+    img = torch.from_numpy((chest_like(64, 0) * 255).round().astype(np.uint8))[None]
+
+    def detail(x):  # mean absolute Laplacian: the high-frequency energy a reconstruction kernel sets
+        x = x.float()[0]
+        return (4 * x[1:-1, 1:-1] - x[:-2, 1:-1] - x[2:, 1:-1] - x[1:-1, :-2] - x[1:-1, 2:]).abs().mean().item()
+
+    torch.manual_seed(0)
+    sharp, soft = RandomSharpen(1.0)(img), RandomDownUp(1.0)(img)
+    assert sharp.shape == img.shape and sharp.dtype == torch.uint8
+    assert detail(sharp) > 1.4 * detail(img) > 1.4 * detail(soft)
+    assert abs(sharp.float().mean() - img.float().mean()) < 2  # the grey level stays: only the texture changes
+    assert torch.equal(RandomSharpen(0.0)(img), img)
+    draws = {round(detail(RandomSharpen(1.0)(img)), 2) for _ in range(8)}
+    assert len(draws) > 4  # the strength is drawn per image
+    steps = lambda **kw: [type(t).__name__ for t in build_augment(AugmentConfig(**kw), 64).transforms]  # noqa: E731
+    assert "RandomSharpen" in steps(sharpen=0.3) and "RandomSharpen" not in steps()
+
+
+def test_sharpen_probability_out_of_range_is_refused():
+    from covidscan.config import load_config
+    from covidscan.errors import ConfigError
+
+    assert load_config(None, ["augment.sharpen=0.3"]).augment.sharpen == 0.3
+    with pytest.raises(ConfigError, match="sharpen"):
+        load_config(None, ["augment.sharpen=1.5"])

@@ -59,6 +59,7 @@ class AugmentConfig:
     crop_scale: float = 0.0  # random resized crop keeping this minimum area fraction (framing); 0 = off
     gamma: float = 0.0  # gamma drawn log-uniformly in [1 / (1 + g), 1 + g] (exposure, display curve)
     blur: float = 0.0  # probability of a resolution loss: down-sampling by 1.5-4x, then back up
+    sharpen: float = 0.0  # probability of unsharp masking (factor 1.5-3.5): a sharper CT reconstruction kernel
     jpeg: float = 0.0  # probability of JPEG re-encoding at a random quality in [30, 95]
     noise: float = 0.0  # standard deviation of added Gaussian noise, in grey levels of 255 (detector noise)
 
@@ -234,7 +235,7 @@ def _choose(name: str, value, choices) -> None:
 
 
 #: augmentations the device-resident batch path (transforms.batch_augment) does not implement
-BATCH_PATH_LACKS = ("crop_scale", "gamma", "blur", "jpeg", "noise")
+BATCH_PATH_LACKS = ("crop_scale", "gamma", "blur", "sharpen", "jpeg", "noise")
 
 
 def validate(cfg: Config) -> None:
@@ -262,8 +263,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
     _choose("train.monitor", cfg.train.monitor, MONITORS)
     a = cfg.augment
-    if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
-        raise ConfigError("augment: crop_scale, blur and jpeg must be in [0, 1]; gamma and noise must be >= 0")
+    if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.sharpen <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
+        raise ConfigError("augment: crop_scale, blur, sharpen and jpeg must be in [0, 1]; gamma and noise must be >= 0")
     batch_less = [k for k in BATCH_PATH_LACKS if getattr(a, k)]
     if cfg.train.device_data and a.enabled and batch_less:
         listed = ", ".join(f"augment.{k}={getattr(a, k):g}" for k in batch_less)

@@ -271,12 +271,28 @@ class RandomNoise(v2.Transform):
         return noisy.round().clamp(0, 255).to(torch.uint8)
 
 
+class RandomSharpen(v2.Transform):
+    """With probability ``p``: a sharper CT reconstruction kernel's look (hospitals reconstruct lung
+    slices with kernels from soft to very sharp; ``RandomDownUp`` covers the soft end). Unsharp
+    masking by torchvision's ``adjust_sharpness`` with a factor uniform in [1.5, 3.5] (1 = unchanged,
+    2 = the image plus once its difference from a 3 x 3 smoothing)."""
+
+    def __init__(self, p: float):
+        super().__init__()
+        self.p = p
+
+    def transform(self, inpt, params):
+        if not isinstance(inpt, torch.Tensor) or torch.rand(1).item() >= self.p:
+            return inpt
+        return TF.adjust_sharpness(inpt, float(torch.empty(1).uniform_(1.5, 3.5)))
+
+
 def build_augment(aug, image_size: int) -> v2.Transform | None:
     """Training augmentation on ``1 x S x S`` uint8 tensors; None when disabled.
 
     The paper's rotation, zoom, shift and horizontal flip (one ``RandomAffine`` and a flip),
     then, each where its setting is non-zero, the source-cue breakers: random resized crop
-    (framing), brightness / contrast, gamma, resolution loss, JPEG re-encoding and noise.
+    (framing), brightness / contrast, gamma, resolution loss, sharpening, JPEG re-encoding and noise.
     Randomness comes from torch's global generator, which the training loop seeds per epoch.
     """
     if not aug.enabled:
@@ -299,6 +315,8 @@ def build_augment(aug, image_size: int) -> v2.Transform | None:
     ]
     if getattr(aug, "blur", 0):
         steps.append(RandomDownUp(aug.blur))
+    if getattr(aug, "sharpen", 0):
+        steps.append(RandomSharpen(aug.sharpen))
     if getattr(aug, "jpeg", 0):
         steps.append(v2.RandomApply([v2.JPEG((30, 95))], p=aug.jpeg))
     if getattr(aug, "noise", 0):

@@ -182,7 +182,7 @@ def _ci(fold: dict, key: str, pct: bool = True) -> str:
 
 def _training_options(config: dict) -> str:
     """Augmentation and training fields as ``key=value`` (what tells two recipes apart)."""
-    keep = ("enabled", "crop_scale", "gamma", "blur", "jpeg", "noise", "brightness", "contrast")
+    keep = ("enabled", "crop_scale", "gamma", "blur", "sharpen", "jpeg", "noise", "brightness", "contrast")
     aug = [f"{k}={v}" for k, v in config.get("augment", {}).items() if k in keep]
     keep = ("epochs", "lr", "batch_size", "seed", "precise_bn", "swa_start", "mixup", "mixstyle", "adversary", "strata")
     train = [f"{k}={v}" for k, v in config.get("train", {}).items() if k in keep]
