@@ -272,17 +272,13 @@ class RandomNoise(v2.Transform):
 
 
 class RandomSharpen(v2.Transform):
-    """With probability ``p``: a sharper CT reconstruction kernel's look (hospitals reconstruct lung
-    slices with kernels from soft to very sharp; ``RandomDownUp`` covers the soft end). Unsharp
-    masking by torchvision's ``adjust_sharpness`` with a factor uniform in [1.5, 3.5] (1 = unchanged,
-    2 = the image plus once its difference from a 3 x 3 smoothing)."""
-
-    def __init__(self, p: float):
-        super().__init__()
-        self.p = p
+    """A sharper CT reconstruction kernel's look (hospitals reconstruct lung slices with kernels from
+    soft to very sharp; ``RandomDownUp`` covers the soft end): unsharp masking by torchvision's
+    ``adjust_sharpness`` with a factor uniform in [1.5, 3.5] (1 = unchanged, 2 = the image plus once
+    its difference from a 3 x 3 smoothing). Applied with a probability by ``v2.RandomApply``."""
 
     def transform(self, inpt, params):
-        if not isinstance(inpt, torch.Tensor) or torch.rand(1).item() >= self.p:
+        if not isinstance(inpt, torch.Tensor):
             return inpt
         return TF.adjust_sharpness(inpt, float(torch.empty(1).uniform_(1.5, 3.5)))
 
@@ -316,7 +312,7 @@ def build_augment(aug, image_size: int) -> v2.Transform | None:
     if getattr(aug, "blur", 0):
         steps.append(RandomDownUp(aug.blur))
     if getattr(aug, "sharpen", 0):
-        steps.append(RandomSharpen(aug.sharpen))
+        steps.append(v2.RandomApply([RandomSharpen()], p=aug.sharpen))
     if getattr(aug, "jpeg", 0):
         steps.append(v2.RandomApply([v2.JPEG((30, 95))], p=aug.jpeg))
     if getattr(aug, "noise", 0):
