@@ -237,9 +237,9 @@ def test_device_data_path_trains(tmp_path):
 def test_sharpen_raises_fine_detail_and_blur_lowers_it():
     """augment.sharpen (a sharper CT kernel) and augment.blur (a softer one) move the image's fine detail in
     opposite directions, keep its size, type and mean grey level, and are left out of the pipeline when 0."""
-    from covidscan.config import AugmentConfig
     from torchvision.transforms import v2
 
+    from covidscan.config import AugmentConfig
     from covidscan.data.transforms import RandomDownUp, RandomSharpen, build_augment
 
     img = torch.from_numpy((chest_like(64, 0) * 255).round().astype(np.uint8))[None]
@@ -255,6 +255,7 @@ def test_sharpen_raises_fine_detail_and_blur_lowers_it():
     assert abs(sharp.float().mean() - img.float().mean()) < 2  # the grey level stays: only the texture changes
     draws = {round(detail(RandomSharpen()(img)), 2) for _ in range(8)}
     assert len(draws) > 4  # the strength is drawn per image
+
     def sharpening(**kw):  # the probability the pipeline applies RandomSharpen with (None: not in it)
         steps = [t for t in build_augment(AugmentConfig(**kw), 64).transforms if isinstance(t, v2.RandomApply)]
         return next((t.p for t in steps if isinstance(t.transforms[0], RandomSharpen)), None)
