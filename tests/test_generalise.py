@@ -270,3 +270,26 @@ def test_sharpen_probability_out_of_range_is_refused():
     assert load_config(None, ["augment.sharpen=0.3"]).augment.sharpen == 0.3
     with pytest.raises(ConfigError, match="sharpen"):
         load_config(None, ["augment.sharpen=1.5"])
+
+
+def test_noise_masks_fine_texture_with_the_requested_spread():
+    """augment.noise=S adds independent Gaussian noise of S grey levels to every training image (the masking
+    counterpart to sharpening: each source's own fine texture is drowned rather than amplified); the mean grey
+    level stays, values are clipped to uint8, each call draws anew, and it is left out of the pipeline at 0."""
+    from covidscan.config import AugmentConfig
+    from covidscan.data.transforms import RandomNoise, build_augment
+
+    img = torch.full((1, 96, 96), 128, dtype=torch.uint8)
+    torch.manual_seed(0)
+    a, b = RandomNoise(6.0)(img), RandomNoise(6.0)(img)
+    assert a.shape == img.shape and a.dtype == torch.uint8
+    diff = a.float() - img.float()
+    assert 5.5 < diff.std().item() < 6.5 and abs(diff.mean().item()) < 0.3
+    assert not torch.equal(a, b)  # drawn per call, not a fixed pattern the model could learn
+    edge = RandomNoise(6.0)(torch.full((1, 32, 32), 254, dtype=torch.uint8))
+    assert int(edge.max()) == 255 and int(edge.min()) > 200  # clipped at white, not wrapped round to black
+
+    def noise_steps(**kw):
+        return [t for t in build_augment(AugmentConfig(**kw), 64).transforms if isinstance(t, RandomNoise)]
+
+    assert [t.std for t in noise_steps(noise=6.0)] == [6.0] and noise_steps() == []
