@@ -111,6 +111,8 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
     assert res["pooled"]["n"] == 48 and 0 <= res["pooled"]["covid_auroc"] <= 1
     report = (tmp_path / "loso" / "loso.md").read_text()
     assert "Pooled out-of-source" in report and "epochs=1" in report and "mixup=0.3" in report  # the recipe is named
+    mean = np.mean([f["covid_auroc"] for f in res["folds"]])  # three two-class sources, each counted once
+    assert f"Mean of the 3 held-out sources' COVID AUROCs, each source counted once: {mean:.3f}" in report
     for f in res["folds"]:  # per-source intervals hold their point estimate
         for key in ("covid_sensitivity", "covid_specificity", "covid_auroc"):
             lo, hi = f[f"{key}_ci"]
@@ -293,3 +295,30 @@ def test_noise_masks_fine_texture_with_the_requested_spread():
         return [t for t in build_augment(AugmentConfig(**kw), 64).transforms if isinstance(t, RandomNoise)]
 
     assert [t.std for t in noise_steps(noise=6.0)] == [6.0] and noise_steps() == []
+
+
+def test_pooled_report_also_counts_each_source_once(tmp_path):
+    """The pooled AUROC weighs held-out sources by size, so one large source can decide it; the report adds the
+    plain mean of the folds' AUROCs over the folds that hold both classes (one-class folds have none)."""
+    from covidscan.experiments.pooling import pool, report_markdown
+
+    def fold(name, labels, p):
+        d = tmp_path / "run" / name
+        d.mkdir(parents=True)
+        with open(d / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "label", "group", "p_covid"])
+            w.writerows([f"{name}/{i}.png", lab, f"g{i}", q] for i, (lab, q) in enumerate(zip(labels, p)))
+
+    small = ["covid"] * 5 + ["normal"] * 5
+    fold("fold00", small, [0.9] * 5 + [0.1] * 5)  # a small source ranked perfectly: AUROC 1
+    big = ["covid"] * 100 + ["normal"] * 100
+    rng = np.random.default_rng(0)
+    fold("fold01", big, np.r_[rng.uniform(0.2, 0.6, 100), rng.uniform(0.4, 0.8, 100)])  # a large one, reversed
+    fold("fold02", ["normal"] * 6, [0.3] * 6)  # one class: no AUROC of its own
+    r = pool([tmp_path / "run"], n_boot=0)
+    per = [f["auroc"] for f in r["folds"]]
+    assert per[0] == 1.0 and per[1] < 0.3 and np.isnan(per[2])
+    assert r["source_mean"]["folds"] == 2 and r["source_mean"]["auroc"] == pytest.approx((per[0] + per[1]) / 2)
+    assert r["pooled"]["auroc"] < r["source_mean"]["auroc"] - 0.2  # the large source pulls the pooled figure down
+    assert f"| mean of the 2 folds with both classes (each source counted once) | | | {r['source_mean']['auroc']:.3f} |" in report_markdown(r)

@@ -4,7 +4,8 @@ results table quotes (``covidscan loso-report``).
 Given one or more ``covidscan loso`` output folders with the same folds (several = an ensemble: the members'
 COVID probabilities of each held-out image are averaged):
 
-* per fold and pooled: COVID AUROC with a 95% group-bootstrap interval;
+* per fold and pooled: COVID AUROC with a 95% group-bootstrap interval, and the plain mean of the folds'
+  AUROCs (each held-out source counted once, where the pooled figure weighs them by size);
 * per fold: specificity on each held-out non-COVID class at the threshold that gives 95% COVID sensitivity
   on the *other* folds' held-out COVID images (a threshold fixed before the new site is seen), optionally per
   value of a manifest field (``by="view"``: the projection);
@@ -93,6 +94,9 @@ def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500) -> dic
     y, p = np.concatenate([f.y for f in folds]), np.concatenate([f.p for f in folds])
     auc, ci = auroc_ci(y, p, sum((f.groups for f in folds), []), n_boot)
     out["pooled"] = {"n": len(y), "covid": int(y.sum()), "auroc": auc, "ci95": ci}
+    # pooled AUROC weighs sources by their size (one large source can decide it); this counts each once
+    two_class = [f["auroc"] for f in out["folds"] if np.isfinite(f["auroc"])]
+    out["source_mean"] = {"auroc": float(np.mean(two_class)) if two_class else float("nan"), "folds": len(two_class)}
     for f in folds:
         other = np.concatenate([g.p[g.y == 1] for g in folds if g is not f])
         if not len(other):
@@ -207,6 +211,9 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
         lines.append(f"| {f['fold']} | {f['n']} | {f['covid']} | {fmt_interval(f['auroc'], f['ci95'], pct=False)} |")
     pl = r["pooled"]
     lines.append(f"| **pooled** | {pl['n']} | {pl['covid']} | **{fmt_interval(pl['auroc'], pl['ci95'], pct=False)}** |")
+    sm = r.get("source_mean")
+    if sm and sm["folds"] > 1:
+        lines.append(f"| mean of the {sm['folds']} folds with both classes (each source counted once) | | | {sm['auroc']:.3f} |")
     if r["fixed_threshold"]:
         lines += [
             "",
