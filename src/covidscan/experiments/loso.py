@@ -22,7 +22,7 @@ from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
 from covidscan.config import Config, load_config
 from covidscan.data import Split, exclude_sources, grouped_split, load_dataset, write_split
 from covidscan.errors import DataError
-from covidscan.experiments.pooling import PREDICTION_FIELDS
+from covidscan.experiments.pooling import PREDICTION_FIELDS, source_mean
 from covidscan.labels import POSITIVE_CLASS
 from covidscan.metrics import bootstrap_ci, compute_metrics
 from covidscan.predict import predict_index
@@ -217,8 +217,7 @@ def loso_markdown(r: dict) -> str:
         "every image scored by a model that never saw its source; 95% bootstrap over patient groups)",
         "",
     ]
-    two_class = [f["covid_auroc"] for f in r["folds"] if f.get("covid_auroc") is not None and np.isfinite(f["covid_auroc"])]
-    if len(two_class) > 1:  # the pooled figure weighs sources by size: one large source can decide it
-        lines += [f"Mean of the {len(two_class)} held-out sources' COVID AUROCs, each source counted once: "
-                  f"{float(np.mean(two_class)):.3f}", ""]  # fmt: skip
+    sm = source_mean(f.get("covid_auroc") for f in r["folds"])
+    if sm["folds"] > 1:
+        lines += [f"Mean of the {sm['folds']} held-out sources' COVID AUROCs, each source counted once: {sm['auroc']:.3f}", ""]
     return "\n".join(lines)

@@ -31,6 +31,13 @@ from covidscan.results import fmt_interval
 PREDICTION_FIELDS = ("file", "label", "group", "p_covid")
 
 
+def source_mean(aurocs) -> dict:
+    """The plain mean of per-fold AUROCs over the folds that have one (both classes held out): each source
+    counted once, where the pooled AUROC weighs sources by their size and one large source can decide it."""
+    two_class = [float(a) for a in aurocs if a is not None and np.isfinite(a)]
+    return {"auroc": float(np.mean(two_class)) if two_class else float("nan"), "folds": len(two_class)}
+
+
 def read_scores(path: Path) -> dict[str, dict]:
     with open(path, newline="", encoding="utf-8") as fh:
         return {r["file"]: r for r in csv.DictReader(fh)}
@@ -94,9 +101,7 @@ def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500) -> dic
     y, p = np.concatenate([f.y for f in folds]), np.concatenate([f.p for f in folds])
     auc, ci = auroc_ci(y, p, sum((f.groups for f in folds), []), n_boot)
     out["pooled"] = {"n": len(y), "covid": int(y.sum()), "auroc": auc, "ci95": ci}
-    # pooled AUROC weighs sources by their size (one large source can decide it); this counts each once
-    two_class = [f["auroc"] for f in out["folds"] if np.isfinite(f["auroc"])]
-    out["source_mean"] = {"auroc": float(np.mean(two_class)) if two_class else float("nan"), "folds": len(two_class)}
+    out["source_mean"] = source_mean(f["auroc"] for f in out["folds"])
     for f in folds:
         other = np.concatenate([g.p[g.y == 1] for g in folds if g is not f])
         if not len(other):
