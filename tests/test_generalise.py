@@ -322,3 +322,62 @@ def test_pooled_report_also_counts_each_source_once(tmp_path):
     assert r["source_mean"]["folds"] == 2 and r["source_mean"]["auroc"] == pytest.approx((per[0] + per[1]) / 2)
     assert r["pooled"]["auroc"] < r["source_mean"]["auroc"] - 0.2  # the large source pulls the pooled figure down
     assert f"| mean of the 2 folds with both classes (each source counted once) | | | {r['source_mean']['auroc']:.3f} |" in report_markdown(r)
+
+
+def test_site_adaptation_report_pools_bn_adapted_scores_of_every_member(tmp_path, monkeypatch):
+    """``loso-report --site-adaptation``: each fold's model re-estimates BatchNorm on its held-out images (the
+    same as ``covidscan adapt`` on that source's folder), the scores are cached per fold and pooled like the
+    plain ones (an ensemble: every member adapted, then averaged), and a calibration part without a COVID image
+    gives no site threshold instead of ending the report."""
+    from PIL import Image
+
+    from covidscan.cli import main
+    from covidscan.experiments.loso import leave_one_source_out
+    from covidscan.experiments.pooling import adapted_file, pool, read_scores
+    from covidscan.inference import Predictor
+    from covidscan.metrics import compute_metrics
+
+    hosp = [make_folder_dataset(tmp_path / f"hosp{c}", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=k)
+            for k, c in enumerate("ABC", 1)]  # fmt: skip
+    for p in (hosp[2]).rglob("*.png"):  # hospital C: a brighter, flatter look, so its BatchNorm statistics differ
+        Image.fromarray((np.asarray(Image.open(p), dtype=np.float32) * 0.5 + 110).astype(np.uint8)).save(p)
+    for p in sorted((hosp[2] / "covid").glob("*.png"))[1:]:  # and one COVID image: too few for a calibration part
+        p.unlink()
+    runs = []
+    for seed in (0, 1):
+        cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1, "seed": seed})
+        leave_one_source_out(cfg, hosp, tmp_path / f"run{seed}", n_boot=0)
+        runs.append(tmp_path / f"run{seed}")
+    md = tmp_path / "site.md"
+    assert main(["loso-report", *map(str, runs), "--site-adaptation", "--bootstrap", "0", "--out", str(md)]) == 0
+    text = md.read_text()
+
+    fold_c = runs[0] / "fold02"  # held out hospital C
+    plain, adapted = read_scores(fold_c / "predictions.csv"), read_scores(fold_c / adapted_file())
+    assert set(adapted) == set(plain) and len(adapted) == 9
+    assert all(adapted[f]["label"] == plain[f]["label"] for f in plain)
+    # the cache is what a site gets from `covidscan adapt` on hospital C's scans with that fold's model
+    assert main(["adapt", "--checkpoint", str(fold_c / "best.pt"), str(hosp[2]), "--out", str(tmp_path / "c.pt")]) == 0
+    site_model = Predictor.from_checkpoint(tmp_path / "c.pt", device="cpu")
+    for f in sorted(plain)[:4]:
+        assert site_model.predict(f).probabilities["covid"] == pytest.approx(float(adapted[f]["p_covid"]), abs=1e-4)
+    assert max(abs(float(adapted[f]["p_covid"]) - float(plain[f]["p_covid"])) for f in plain) > 1e-3  # it moved
+
+    # pooled over both members' adapted scores, averaged per image
+    folds = sorted(p.parent.name for p in runs[0].glob("fold*/best.pt"))
+    y, p = [], []
+    for name in folds:
+        members = [read_scores(r / name / adapted_file()) for r in runs]
+        for f in sorted(members[0]):
+            y.append(members[0][f]["label"] == "covid")
+            p.append(np.mean([float(m[f]["p_covid"]) for m in members]))
+    auc = compute_metrics(np.asarray(y, int), np.stack([1 - np.asarray(p), np.asarray(p)], 1))["per_class"]["auroc"][1]
+    r = pool(runs, n_boot=0, predictions=adapted_file())
+    assert r["pooled"]["auroc"] == pytest.approx(auc) and f"| **pooled** | **{auc:.3f}" in text.split("BatchNorm-adapted")[1]
+    # hospital C's 20% calibration part holds no COVID image: no threshold there, a note instead of an error
+    assert "| fold02 | 9 |" in text and "(t = nan)" in text and "no site threshold" in text
+
+    import covidscan.adapt as adapt_mod  # read back, not scored again
+
+    monkeypatch.setattr(adapt_mod, "adapt_batchnorm", lambda *a, **k: (_ for _ in ()).throw(AssertionError("scored again")))
+    assert main(["loso-report", *map(str, runs), "--site-adaptation", "--bootstrap", "0"]) == 0

@@ -106,12 +106,18 @@ def cmd_train_ensemble(args) -> int:
 
 
 def cmd_loso_report(args) -> int:
-    from covidscan.experiments.pooling import pool, report_markdown, site_adaptation, val_threshold
+    from covidscan.experiments.pooling import adapted_file, adapted_scores, pool, report_markdown, site_adaptation, val_threshold
 
     r = pool(args.runs, by=args.by, data=args.data, n_boot=args.bootstrap)
     val = val_threshold(args.runs) if args.val_threshold else None
-    site = site_adaptation(args.runs[0], tta=args.tta) if args.site_adaptation else None
-    md = report_markdown(r, val, site)
+    site = adapted = None
+    if args.site_adaptation:
+        site = site_adaptation(args.runs[0], tta=args.tta)
+        for run in args.runs[1:]:  # every member adapted, then averaged: the ensemble a site would adapt
+            for fold in sorted(Path(run).glob("fold*/best.pt")):
+                adapted_scores(fold.parent, tta=args.tta)
+        adapted = pool(args.runs, n_boot=args.bootstrap, predictions=adapted_file(args.tta))
+    md = report_markdown(r, val, site, adapted)
     print(md)
     if args.out:
         Path(args.out).write_text(md, encoding="utf-8")
@@ -223,7 +229,7 @@ def register(sub) -> None:
     p.add_argument("--by", default="", help="also split the fixed-threshold specificity by a manifest field (e.g. view)")
     p.add_argument("--data", type=Path, nargs="*", default=[], help="dataset folders whose manifests hold that field")
     p.add_argument("--val-threshold", action="store_true", help="also the threshold from each fold's own validation split")
-    p.add_argument("--site-adaptation", action="store_true", help="also BatchNorm adaptation and a site threshold (first run)")
+    p.add_argument("--site-adaptation", action="store_true", help="also BatchNorm adaptation (every run, pooled) and a site threshold (first run)")
     p.add_argument("--tta", action="store_true", help="site adaptation figures with test-time augmentation (image + mirror)")
     common.add_bootstrap(p, 500)
     p.add_argument("--out", type=Path, help="also write the report to this markdown file")

@@ -65,11 +65,12 @@ class Fold:
         return (self.labels == POSITIVE_CLASS).astype(int)
 
 
-def read_folds(runs: list[Path], field_of: dict[str, str] | None = None) -> list[Fold]:
-    """The folds shared by ``runs`` (``fold*/predictions.csv``), members' probabilities averaged per image."""
+def read_folds(runs: list[Path], field_of: dict[str, str] | None = None, predictions: str = "predictions.csv") -> list[Fold]:
+    """The folds shared by ``runs`` (``fold*/predictions.csv``, or another scores file of the same format such
+    as :func:`adapted_file`), members' probabilities averaged per image."""
     folds = []
-    for name in sorted(p.parent.name for p in Path(runs[0]).glob("fold*/predictions.csv")):
-        members = [read_scores(Path(run) / name / "predictions.csv") for run in runs]
+    for name in sorted(p.parent.name for p in Path(runs[0]).glob(f"fold*/{predictions}")):
+        members = [read_scores(Path(run) / name / predictions) for run in runs]
         files = sorted(members[0])
         if any(set(m) != set(files) for m in members):
             raise ValueError(f"{name}: the runs hold out different images; they are not runs of the same folds")
@@ -86,14 +87,17 @@ def threshold_for_sensitivity_of(p_pos: np.ndarray, sensitivity: float = 0.95) -
     return threshold_for_sensitivity(np.ones(len(p_pos), bool), p_pos, sensitivity)["value"]
 
 
-def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500) -> dict:
-    """AUROC per fold and pooled, and the cross-fold fixed-threshold specificity (see the module docstring)."""
+def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predictions: str = "predictions.csv") -> dict:
+    """AUROC per fold and pooled, and the cross-fold fixed-threshold specificity (see the module docstring);
+    ``predictions``: which scores file of each fold (``adapted_file()``: after BatchNorm adaptation)."""
     field_of = {}
     if by:
         from covidscan.data import load_dataset
 
         field_of = {str(r.path): r.attribute(by) or "?" for r in load_dataset(data, task="xray").records}
-    folds = read_folds(runs, field_of)
+    folds = read_folds(runs, field_of, predictions)
+    if not folds:
+        raise ValueError(f"{runs[0]}: no fold*/{predictions}")
     out = {"runs": [str(r) for r in runs], "by": by, "folds": [], "fixed_threshold": []}
     for f in folds:
         auc, ci = auroc_ci(f.y, f.p, f.groups, n_boot) if f.y.min() != f.y.max() else (float("nan"), [float("nan")] * 2)
@@ -166,14 +170,52 @@ def val_threshold(runs: list[Path], sensitivity: float = 0.95) -> list[dict]:
     return rows
 
 
+def adapted_file(tta: bool = False) -> str:
+    """Where a fold caches its held-out scores after BatchNorm re-estimation (with ``tta``: image + mirror)."""
+    return "bn_adapted_tta_predictions.csv" if tta else "bn_adapted_predictions.csv"
+
+
+def adapted_scores(fold_dir: Path, *, tta: bool = False) -> dict[str, dict]:
+    """COVID probability of every held-out image of a fold after its ``best.pt`` re-estimated its BatchNorm
+    statistics on those images (AdaBN, no labels: what ``covidscan adapt`` does with a new site's scans).
+    Scored once, cached beside ``predictions.csv`` in the same format, then read back, so ``pool`` can pool
+    adapted runs and ensembles of them."""
+    from covidscan.adapt import adapt_batchnorm
+    from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
+    from covidscan.data import read_split
+    from covidscan.data.dataset import default_cache_dir, open_store
+    from covidscan.predict import predict_index
+
+    cache = Path(fold_dir) / adapted_file(tta)
+    if not cache.is_file():
+        test = read_split(Path(fold_dir) / "loso_split.csv").subset("test")
+        model, meta = model_from_checkpoint(load_checkpoint(Path(fold_dir) / "best.pt"))
+        store = open_store(test.records, meta.preprocess, packed=test.packed, cache_dir=default_cache_dir() / "images")
+        adapt_batchnorm(model, store, device="cpu")
+        preds = predict_index(model, meta, test, device="cpu", store=store, tta=tta)
+        pos = list(meta.class_names).index(POSITIVE_CLASS)
+        _write_scores(cache, preds.index.records, preds.probs[:, pos])
+    return read_scores(cache)
+
+
+def _write_scores(path: Path, records, p_covid) -> None:
+    tmp = path.with_suffix(".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(PREDICTION_FIELDS))
+        w.writeheader()
+        for r, q in zip(records, p_covid):
+            w.writerow({"file": str(r.path), "label": r.label, "group": r.group, "p_covid": float(q)})
+    tmp.replace(path)  # a report killed half-way leaves no half-written cache behind
+
+
 def site_adaptation(run: Path, *, calib: float = 0.2, seed: int = 0, tta: bool = False) -> list[dict]:
     """Per fold of one run: COVID AUROC as trained (with ``tta``: image + mirror), after BatchNorm re-estimation
-    on the held-out images (no labels), and sensitivity / specificity on the held-out images outside a 20%
-    labelled calibration part, at argmax and at the threshold chosen on that part for 95% sensitivity."""
-    from covidscan.adapt import adapt_batchnorm, threshold_for_sensitivity
+    on the held-out images (no labels; :func:`adapted_scores`), and sensitivity / specificity on the held-out
+    images outside a 20% labelled calibration part, at argmax and at the threshold chosen on that part for 95%
+    sensitivity (not measurable, NaN, where that part holds no COVID or no non-COVID image)."""
+    from covidscan.adapt import threshold_for_sensitivity
     from covidscan.checkpoint import load_checkpoint, model_from_checkpoint
     from covidscan.data import grouped_split, read_split
-    from covidscan.data.dataset import default_cache_dir, open_store
     from covidscan.predict import predict_index
 
     def binary(y, p):
@@ -183,29 +225,38 @@ def site_adaptation(run: Path, *, calib: float = 0.2, seed: int = 0, tta: bool =
     rows = []
     for fold in sorted(p.parent for p in Path(run).glob("fold*/best.pt")):
         test = read_split(fold / "loso_split.csv").subset("test")
-        model, meta = model_from_checkpoint(load_checkpoint(fold / "best.pt"))
-        pos = meta.class_names.index(POSITIVE_CLASS)
-        store = open_store(test.records, meta.preprocess, packed=test.packed, cache_dir=default_cache_dir() / "images")
-        base = predict_index(model, meta, test, device="cpu", store=store, tta=tta)
-        y = base.y == pos
-        adapted = copy.deepcopy(model)
-        adapt_batchnorm(adapted, store, device="cpu")
-        ad = predict_index(adapted, meta, test, device="cpu", store=store, tta=tta)
-        parts = grouped_split(base.index, test=calib, val=0.0, seed=seed, by_source=True)
+        if tta:
+            model, meta = model_from_checkpoint(load_checkpoint(fold / "best.pt"))
+            base = predict_index(model, meta, test, device="cpu", tta=True)
+            pos = meta.class_names.index(POSITIVE_CLASS)
+            scores = {str(r.path): float(q) for r, q in zip(base.index.records, base.probs[:, pos])}
+        else:  # what training scored with best.pt, read back
+            scores = {f: float(r["p_covid"]) for f, r in read_scores(fold / "predictions.csv").items()}
+        adapted = adapted_scores(fold, tta=tta)
+        test = test.subset([i for i, r in enumerate(test.records) if str(r.path) in scores and str(r.path) in adapted])
+        files = [str(r.path) for r in test.records]  # the images both scorings could read
+        y = np.asarray([r.label == POSITIVE_CLASS for r in test.records])
+        p = np.asarray([scores[f] for f in files])
+        pa = np.asarray([float(adapted[f]["p_covid"]) for f in files])
+        parts = grouped_split(test, test=calib, val=0.0, seed=seed, by_source=True)
         cal = np.asarray([a == "test" for a in parts.assignment])
-        thr = threshold_for_sensitivity(y[cal], base.probs[cal, pos], 0.95)["value"]
-        rest_p, rest_y = base.probs[~cal, pos], y[~cal]
+        rest_p, rest_y = p[~cal], y[~cal]
+        if y[cal].all() or not y[cal].any():
+            thr = {"threshold": float("nan"), "sensitivity": float("nan"), "specificity": float("nan")}
+        else:
+            t = threshold_for_sensitivity(y[cal], p[cal], 0.95)["value"]
+            thr = {"threshold": t, "sensitivity": float((rest_p[rest_y] >= t).mean()) if rest_y.any() else float("nan"),
+                   "specificity": float((rest_p[~rest_y] < t).mean()) if (~rest_y).any() else float("nan")}  # fmt: skip
         rows.append({
-            "fold": fold.name, "n": int(len(y)), "as_trained": binary(y, base.probs[:, pos]),
-            "bn_adapted": binary(ad.y == pos, ad.probs[:, pos]), "argmax_on_rest": binary(rest_y, rest_p),
-            "site_threshold_on_rest": {"threshold": thr, "sensitivity": float((rest_p[rest_y] >= thr).mean()),
-                                       "specificity": float((rest_p[~rest_y] < thr).mean())},
+            "fold": fold.name, "n": int(len(y)), "as_trained": binary(y, p), "bn_adapted": binary(y, pa),
+            "argmax_on_rest": binary(rest_y, rest_p), "site_threshold_on_rest": thr,
         })  # fmt: skip
     return rows
 
 
-def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | None = None) -> str:
-    """The tables of :func:`pool` (and of :func:`val_threshold` / :func:`site_adaptation` when given)."""
+def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | None = None, adapted: dict | None = None) -> str:
+    """The tables of :func:`pool` (and of :func:`val_threshold` / :func:`site_adaptation` when given; ``adapted``:
+    :func:`pool` of the BatchNorm-adapted scores)."""
     lines = [
         f"# Leave-source-out: {' + '.join(r['runs'])}",
         "",
@@ -247,4 +298,14 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
             b, a, am, c = s["as_trained"], s["bn_adapted"], s["argmax_on_rest"], s["site_threshold_on_rest"]
             lines.append(f"| {s['fold']} | {s['n']} | {b['auroc']:.3f} | {a['auroc']:.3f} | {am['sensitivity']:.1%} / "
                          f"{am['specificity']:.1%} | {c['sensitivity']:.1%} / {c['specificity']:.1%} (t = {c['threshold']:.3f}) |")  # fmt: skip
+        if any(not np.isfinite(s["site_threshold_on_rest"]["threshold"]) for s in site):
+            lines += ["", "nan: the fold's 20% calibration part holds no COVID or no non-COVID image (whole groups), so no site threshold."]
+    if adapted:
+        pl, sm = adapted["pooled"], adapted["source_mean"]
+        lines += ["", f"BatchNorm-adapted on each held-out source ({' + '.join(adapted['runs'])}):", ""]
+        lines += ["| fold | COVID AUROC [95% CI] |", "|---|---|"]
+        lines += [f"| {f['fold']} | {fmt_interval(f['auroc'], f['ci95'], pct=False)} |" for f in adapted["folds"]]
+        lines.append(f"| **pooled** | **{fmt_interval(pl['auroc'], pl['ci95'], pct=False)}** |")
+        if sm["folds"] > 1:
+            lines.append(f"| mean of the {sm['folds']} folds with both classes | {sm['auroc']:.3f} |")
     return "\n".join(lines) + "\n"
