@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from covidscan.config import load_config
-from covidscan.errors import ConfigError
 from covidscan.data.hounsfield import body_box, crop_to_body
 from covidscan.data.transforms import Preprocess, to_gray_uint8
+from covidscan.errors import ConfigError
 from covidscan.models import get_backbone
 
 
@@ -36,26 +36,26 @@ def axial(h=256, w=256, body=(0.5, 0.48, 0.34, 0.42), seed=0, table=True, text=T
 
 @pytest.mark.parametrize("seed,fov", [(0, 0.0), (1, 0.0), (2, 0.35)])
 def test_box_is_the_body_without_table_text_or_reconstruction_circle(seed, fov):
-    img, (t, b, l, r) = axial(seed=seed, fov=fov)
+    img, (t, b, lft, r) = axial(seed=seed, fov=fov)
     top, bottom, left, right = body_box(img)
     h, w = img.shape
     slack = 0.05 * h
     assert abs(top - t) <= slack and abs(bottom - b) <= slack, (top, bottom, t, b)  # the table below is cut
-    assert abs(left - l) <= slack and abs(right - r) <= slack, (left, right, l, r)
+    assert abs(left - lft) <= slack and abs(right - r) <= slack, (left, right, lft, r)
     assert top > 14  # the text label at the top is not in the box
 
 
 def test_off_centre_body_is_followed():
-    img, (t, b, l, r) = axial(body=(0.45, 0.35, 0.3, 0.28))
+    img, (t, b, lft, r) = axial(body=(0.45, 0.35, 0.3, 0.28))
     _, _, left, right = body_box(img)
-    assert abs(left - l) <= 0.05 * img.shape[1] and right < 0.75 * img.shape[1]
+    assert abs(left - lft) <= 0.05 * img.shape[1] and right < 0.75 * img.shape[1]
 
 
 def test_slice_published_cropped_is_left_whole():
     """Lungs open to the image edge (a slice cut to the body by its publisher): the crop never cuts the chest."""
-    img, (t, b, l, r) = axial(table=False, text=False)
-    dy, dx = int(0.2 * (b - t)), int(0.1 * (r - l))  # into the lungs: they reach every edge, the mediastinum does not
-    cropped = img[t + dy : b - dy, l + dx : r - dx]
+    img, (t, b, lft, r) = axial(table=False, text=False)
+    dy, dx = int(0.2 * (b - t)), int(0.1 * (r - lft))  # into the lungs: they reach every edge, the mediastinum does not
+    cropped = img[t + dy : b - dy, lft + dx : r - dx]
     assert body_box(cropped) == (0, cropped.shape[0], 0, cropped.shape[1])
 
 

@@ -193,7 +193,9 @@ def test_checkpoint_values_of_the_wrong_kind_are_one_line_errors(trained_run, tm
     assert len(err) == 1 and message in err[0]
 
 
-@pytest.mark.parametrize("option, value", [("crop_scale", 0.5), ("gamma", 0.4), ("blur", 0.3), ("sharpen", 0.3), ("jpeg", 0.5), ("noise", 3.0)])
+@pytest.mark.parametrize(
+    "option, value", [("crop_scale", 0.5), ("gamma", 0.4), ("blur", 0.3), ("sharpen", 0.3), ("jpeg", 0.5), ("noise", 3.0)]
+)
 def test_device_data_refuses_augmentations_its_batch_path_lacks(option, value):
     from covidscan.config import load_config
     from covidscan.errors import ConfigError
@@ -213,7 +215,16 @@ def test_the_same_training_command_twice_gives_bit_identical_weights(tmp_path):
     from tests.conftest import tiny_config
 
     data = make_folder_dataset(tmp_path / "d", per_class=6, size=48)
-    aug = {"enabled": True, "crop_scale": 0.5, "gamma": 0.4, "blur": 0.3, "sharpen": 0.3, "jpeg": 0.5, "noise": 3.0, "brightness": 0.3}
+    aug = {
+        "enabled": True,
+        "crop_scale": 0.5,
+        "gamma": 0.4,
+        "blur": 0.3,
+        "sharpen": 0.3,
+        "jpeg": 0.5,
+        "noise": 3.0,
+        "brightness": 0.3,
+    }
     cfg = tiny_config(train={"epochs": 2, "sampler": "balanced", "precise_bn": 8}, augment=aug)
     a, b = (load_checkpoint(train(cfg, data, tmp_path / run).best_checkpoint)["state_dict"] for run in ("a", "b"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -321,7 +321,10 @@ def test_pooled_report_also_counts_each_source_once(tmp_path):
     assert per[0] == 1.0 and per[1] < 0.3 and np.isnan(per[2])
     assert r["source_mean"]["folds"] == 2 and r["source_mean"]["auroc"] == pytest.approx((per[0] + per[1]) / 2)
     assert r["pooled"]["auroc"] < r["source_mean"]["auroc"] - 0.2  # the large source pulls the pooled figure down
-    assert f"| mean of the 2 folds with both classes (each source counted once) | | | {r['source_mean']['auroc']:.3f} |" in report_markdown(r)
+    assert (
+        f"| mean of the 2 folds with both classes (each source counted once) | | | {r['source_mean']['auroc']:.3f} |"
+        in report_markdown(r)
+    )
 
 
 def test_site_adaptation_report_pools_bn_adapted_scores_of_every_member(tmp_path, monkeypatch):

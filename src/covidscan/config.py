@@ -263,7 +263,9 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.crop={cfg.data.crop}: must be in [0, 0.5)")
     _choose("train.monitor", cfg.train.monitor, MONITORS)
     a = cfg.augment
-    if not (0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.sharpen <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0):
+    if not (
+        0 <= a.crop_scale <= 1 and a.gamma >= 0 and 0 <= a.blur <= 1 and 0 <= a.sharpen <= 1 and 0 <= a.jpeg <= 1 and a.noise >= 0
+    ):
         raise ConfigError("augment: crop_scale, blur, sharpen and jpeg must be in [0, 1]; gamma and noise must be >= 0")
     batch_less = [k for k in BATCH_PATH_LACKS if getattr(a, k)]
     if cfg.train.device_data and a.enabled and batch_less:

@@ -229,7 +229,11 @@ def register(sub) -> None:
     p.add_argument("--by", default="", help="also split the fixed-threshold specificity by a manifest field (e.g. view)")
     p.add_argument("--data", type=Path, nargs="*", default=[], help="dataset folders whose manifests hold that field")
     p.add_argument("--val-threshold", action="store_true", help="also the threshold from each fold's own validation split")
-    p.add_argument("--site-adaptation", action="store_true", help="also BatchNorm adaptation (every run, pooled) and a site threshold (first run)")
+    p.add_argument(
+        "--site-adaptation",
+        action="store_true",
+        help="also BatchNorm adaptation (every run, pooled) and a site threshold (first run)",
+    )
     p.add_argument("--tta", action="store_true", help="site adaptation figures with test-time augmentation (image + mirror)")
     common.add_bootstrap(p, 500)
     p.add_argument("--out", type=Path, help="also write the report to this markdown file")
@@ -242,7 +246,9 @@ def register(sub) -> None:
     )
     p.add_argument("action", choices=["list", "run", "report"], help="list the ledger, train variants, or pool them")
     p.add_argument("names", nargs="*", help="variants or one seed's run, NAME_seedS (run); variants, runs or ensembles (report)")
-    p.add_argument("--ledger", type=Path, default=Path("experiments/ledger.yaml"), help="ledger file (default experiments/ledger.yaml)")
+    p.add_argument(
+        "--ledger", type=Path, default=Path("experiments/ledger.yaml"), help="ledger file (default experiments/ledger.yaml)"
+    )
     p.add_argument("--data-root", type=Path, default=Path("../shared/data"), help="folder holding the yardsticks' datasets")
     p.add_argument("--out", type=Path, default=Path("runs/exp"), help="folder of the run folders (default runs/exp)")
     common.add_bootstrap(p, 500)

@@ -88,7 +88,9 @@ def run_variant(v: Variant, root: Path, out: Path, *, progress: bool = False, on
         if only is not None and run != only:
             continue
         cfg = load_config(v.config, v.set + ([f"train.seed={seed}"] if seed is not None else []))
-        leave_one_source_out(cfg, dataset_paths(v.data, root, out), out / run, sources=v.sources or None, progress=progress, resume=True)
+        leave_one_source_out(
+            cfg, dataset_paths(v.data, root, out), out / run, sources=v.sources or None, progress=progress, resume=True
+        )
         folders.append(out / run)
     return folders
 

@@ -17,7 +17,6 @@ COVID probabilities of each held-out image are averaged):
 
 from __future__ import annotations
 
-import copy
 import csv
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,7 +298,10 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
             lines.append(f"| {s['fold']} | {s['n']} | {b['auroc']:.3f} | {a['auroc']:.3f} | {am['sensitivity']:.1%} / "
                          f"{am['specificity']:.1%} | {c['sensitivity']:.1%} / {c['specificity']:.1%} (t = {c['threshold']:.3f}) |")  # fmt: skip
         if any(not np.isfinite(s["site_threshold_on_rest"]["threshold"]) for s in site):
-            lines += ["", "nan: the fold's 20% calibration part holds no COVID or no non-COVID image (whole groups), so no site threshold."]
+            lines += [
+                "",
+                "nan: the fold's 20% calibration part holds no COVID or no non-COVID image (whole groups), so no site threshold.",
+            ]
     if adapted:
         pl, sm = adapted["pooled"], adapted["source_mean"]
         lines += ["", f"BatchNorm-adapted on each held-out source ({' + '.join(adapted['runs'])}):", ""]

@@ -63,7 +63,9 @@ class SourceAdversary(nn.Module):
         super().__init__()
         self.num_classes, self.num_sources = allowed.shape
         self.source_names = list(source_names)  # source id -> name (for reading the guesses)
-        self.net = nn.Sequential(nn.Linear(in_features, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, self.num_classes * self.num_sources))
+        self.net = nn.Sequential(
+            nn.Linear(in_features, HIDDEN), nn.ReLU(), nn.Linear(HIDDEN, self.num_classes * self.num_sources)
+        )
         self.register_buffer("allowed", allowed.bool())
         self.register_buffer("rows_to_source", rows_to_source.long())
         self.weight, self.total_steps, self.steps = weight, max(total_steps, 1), 0

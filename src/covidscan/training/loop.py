@@ -56,6 +56,7 @@ from covidscan.models import build_model, get_backbone
 from covidscan.reports import plot_history
 from covidscan.results import atomic_write
 from covidscan.runtime import RunContext, autocast_for
+from covidscan.training.adversary import SourceAdversary
 from covidscan.training.data import (
     TrainData,
     backbone_features,
@@ -77,7 +78,6 @@ from covidscan.training.keeper import (
     resumed_config,
     training_record,
 )
-from covidscan.training.adversary import SourceAdversary
 from covidscan.training.mixstyle import mixing_styles
 from covidscan.training.steps import EpochProgress, class_weights, make_optimizer, precise_bn, train_one_epoch, validate
 
