@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from covidscan.config import StudyConfig
 from covidscan.data.volume import VolumeError, read_series_zip, read_volume
@@ -493,6 +494,37 @@ def test_calibrate_on_studies_sets_a_study_level_threshold(tmp_path, tiny_ct_che
     assert res.label == ("covid" if res.probability >= t["value"] else "normal")  # the study threshold decides
     assert p.predict(root / "covid" / "P0" / "s0_0.dcm").decision is None  # not single slices
     assert "study" in capsys.readouterr().out
+
+
+def test_adapt_on_a_series_takes_statistics_from_the_lung_slices_the_study_scores(tmp_path, tiny_ct_checkpoint):
+    """``covidscan adapt`` given a CT series (or a studies folder) re-estimates BatchNorm on the slices the study
+    scorer reads (lung slices, lung window): the same statistics as adapting on those slices' files alone, not
+    on every file of the folder (a slice below the lungs would move them)."""
+    from covidscan.checkpoint import load_checkpoint
+    from covidscan.cli import main
+
+    hu = phantom(5, size=48)
+    hu[0, 6:42, 6:42] = 40  # slice 0: no lung (below the lungs), never scored
+    write_series(tmp_path / "s", hu, shuffle=False, names=[f"s{k}.dcm" for k in range(5)])
+
+    def stats(*paths):
+        out = tmp_path / f"a{len(list(tmp_path.glob('a*.pt')))}.pt"
+        assert main(["adapt", "--checkpoint", str(tiny_ct_checkpoint), *map(str, paths), "--out", str(out)]) == 0
+        ck = load_checkpoint(out)
+        sd = ck["state_dict"]
+        return ck["meta"].adaptation["images"], torch.cat([v.flatten() for k, v in sd.items() if k.endswith("running_mean")])
+
+    n_series, series = stats(tmp_path / "s")
+    n_lung, lung = stats(*[tmp_path / "s" / f"s{k}.dcm" for k in range(1, 5)])
+    n_all, every = stats(*sorted((tmp_path / "s").glob("*.dcm")))
+    assert n_series == n_lung == 4 and n_all == 5
+    assert torch.allclose(series, lung, atol=1e-5)
+    assert not torch.allclose(series, every, atol=1e-3)  # the non-lung slice would have counted
+    root = tmp_path / "studies"  # a studies folder (manifest of series) reads the same way
+    write_series(root / "normal" / "P0", hu, shuffle=False, names=[f"p{k}.dcm" for k in range(5)])
+    (root / "manifest.csv").write_text("series,label,patient_id\nnormal/P0,normal,P0\n")
+    n_root, from_root = stats(root)
+    assert n_root == 4 and torch.allclose(from_root, series, atol=1e-5)
 
 
 @pytest.mark.parametrize("kind", ["nifti", "dicom"])

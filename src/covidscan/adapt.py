@@ -188,29 +188,66 @@ def study_scores(model, meta, provenance, folder, device):
     return np.asarray(y), np.asarray(p, dtype=np.float64), groups, overlap(provenance, fingerprints(stack))
 
 
+def study_slice_images(meta: CheckpointMeta, studies: list[Path]) -> torch.Tensor:
+    """The scored lung slices of each CT study as the study scorer reads them (the checkpoint's window, lung
+    selection and framing), ``N x 1 x S x S`` uint8: what ``covidscan adapt`` takes statistics from when given
+    series, so they match what ``predict`` / ``evaluate`` feed the model, not the files' own display."""
+    from types import SimpleNamespace
+
+    from covidscan.data.transforms import to_gray_uint8
+    from covidscan.data.volume import read_volume
+    from covidscan.study import slice_scans, study_config
+
+    cfg = study_config(SimpleNamespace(meta=meta))
+    images = []
+    for path in studies:
+        vol = read_volume(path)
+        images += [to_gray_uint8(sc, meta.preprocess) for sc in slice_scans(vol, cfg)[2] if sc is not None]
+    size = meta.preprocess.image_size
+    return torch.stack(images) if images else torch.zeros((0, 1, size, size), dtype=torch.uint8)
+
+
 def adapt(checkpoint, images: list[Path], out, *, device: str = "auto") -> CheckpointMeta:
     """Write ``out``: ``checkpoint`` with its BatchNorm statistics re-estimated on ``images`` (no labels
-    needed): image files, or one packed folder (``covidscan pack``, made with the model's preprocessing)."""
+    needed): image files and folders of them, or one packed folder (``covidscan pack``, made with the model's
+    preprocessing). For a CT model, series (DICOM folders, NIfTI, zip, a studies folder) count by their scored
+    lung slices, read as the study scorer reads them (:func:`study_slice_images`)."""
+    from covidscan.data.io import expand_paths
+    from covidscan.provenance import fingerprints, overlap
+    from covidscan.study import find_studies
+
     checkpoint, out = Path(checkpoint), Path(out)
     obj = load_checkpoint(checkpoint)
     model, meta = model_from_checkpoint(obj, checkpoint)
     packs = [p for p in images if is_packed(p)]
+    dev = resolve_device(device)
+    model.to(dev)
     if packs:
         if len(images) != 1:
             raise DataError(f"{packs[0]}: a packed folder is adapted on alone, not with other files or folders")
         index = load_dataset(packs[0], meta.task)
         store = open_store(index.records, meta.preprocess, packed=index.packed)
+        ov, _ = store_overlap(obj.get("provenance"), store)
+        n, skipped = adapt_batchnorm(model, store, device=device), len(store.skipped)
     else:
-        records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in images]
-        store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
-    ov, _ = store_overlap(obj.get("provenance"), store)
+        studies, files = find_studies(images) if meta.task == "ct" else ([], expand_paths(images))
+        parts, skipped = [], 0
+        if files:
+            records = [Record(path=Path(p).resolve(), label=meta.class_names[0]) for p in files]
+            store = ImageStore(records, meta.preprocess, cache_dir=default_cache_dir() / "images")
+            parts.append(store.images[torch.from_numpy(store.valid)])
+            skipped = len(store.skipped)
+        if studies:
+            parts.append(study_slice_images(meta, studies))
+        stack = torch.cat(parts) if parts else torch.zeros((0, 1, 8, 8), dtype=torch.uint8)
+        ov = overlap(obj.get("provenance"), fingerprints(stack))
+        n = batchnorm_statistics(model, stack, meta.preprocess, device=dev)
     if not ov.external:
         logger.warning("adapt: %s", ov.line())
-    n = adapt_batchnorm(model, store, device=device)
     if n < 2:
         raise DataError(f"BatchNorm adaptation needs at least 2 readable images; got {n}")
     new = meta.replace(
-        adaptation={"method": "batchnorm statistics (AdaBN)", "images": n, "skipped": len(store.skipped), "overlap": ov.to_dict()}
+        adaptation={"method": "batchnorm statistics (AdaBN)", "images": n, "skipped": skipped, "overlap": ov.to_dict()}
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     save_checkpoint(out, state, new, provenance=obj.get("provenance"))

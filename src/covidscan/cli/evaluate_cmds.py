@@ -114,11 +114,8 @@ def cmd_calibrate(args) -> int:
 
 def cmd_adapt(args) -> int:
     from covidscan.adapt import adapt
-    from covidscan.data.io import expand_paths
-    from covidscan.data.packed import is_packed
 
-    images = args.images if any(is_packed(p) for p in args.images) else expand_paths(args.images)
-    meta = adapt(args.checkpoint, images, args.out, device=args.device)
+    meta = adapt(args.checkpoint, args.images, args.out, device=args.device)
     print(f"BatchNorm statistics re-estimated on {meta.adaptation['images']} image(s); wrote {args.out}")
     return 0
 
@@ -171,7 +168,11 @@ def register(sub) -> None:
     p = sub.add_parser("adapt", help="re-estimate BatchNorm statistics on unlabelled scans of a new site (AdaBN)")
     common.add_checkpoint(p)
     p.add_argument(
-        "images", type=Path, nargs="+", help="image files or folders of the new site, or one packed folder (no labels needed)"
+        "images",
+        type=Path,
+        nargs="+",
+        help="image files or folders of the new site, or one packed folder (no labels needed); for a CT model also "
+        "series (DICOM folders, NIfTI, zip, a studies folder), read by their lung slices as studies are scored",
     )
     common.add_out(p, "checkpoint to write: the adapted model")
     common.add_device(p)
