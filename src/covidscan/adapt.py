@@ -166,11 +166,10 @@ def study_scores(model, meta, provenance, folder, device):
     """``(covid?, study p(covid), groups, overlap)`` of every study of a studies folder (like ``ct-volumes``); the
     overlap is that of their scored slices with the training record. A study where no lung slice was found has no
     score and is left out."""
-    from covidscan.data.transforms import to_gray_uint8
     from covidscan.data.volume import read_volume
     from covidscan.inference import Predictor
     from covidscan.provenance import fingerprints, overlap
-    from covidscan.study import UNDETERMINED, predict_study, read_studies, slice_scans, study_config, study_truth
+    from covidscan.study import UNDETERMINED, lung_slice_images, predict_study, read_studies, study_config, study_truth
 
     predictor = Predictor(model, meta, str(resolve_device(device)), provenance=provenance)
     cfg = study_config(predictor)
@@ -179,7 +178,7 @@ def study_scores(model, meta, provenance, folder, device):
     for st in studies:
         vol = read_volume(root / st["series"])
         res = predict_study(predictor, vol, cfg=cfg)
-        images += [to_gray_uint8(sc, meta.preprocess) for sc in slice_scans(vol, cfg)[2] if sc is not None]
+        images += lung_slice_images(vol, cfg, meta.preprocess)
         if res.label != UNDETERMINED:
             y.append(study_truth(st) == POSITIVE_CLASS)
             p.append(res.probability)
@@ -192,17 +191,11 @@ def study_slice_images(meta: CheckpointMeta, studies: list[Path]) -> torch.Tenso
     """The scored lung slices of each CT study as the study scorer reads them (the checkpoint's window, lung
     selection and framing), ``N x 1 x S x S`` uint8: what ``covidscan adapt`` takes statistics from when given
     series, so they match what ``predict`` / ``evaluate`` feed the model, not the files' own display."""
-    from types import SimpleNamespace
-
-    from covidscan.data.transforms import to_gray_uint8
     from covidscan.data.volume import read_volume
-    from covidscan.study import slice_scans, study_config
+    from covidscan.study import lung_slice_images, study_config
 
-    cfg = study_config(SimpleNamespace(meta=meta))
-    images = []
-    for path in studies:
-        vol = read_volume(path)
-        images += [to_gray_uint8(sc, meta.preprocess) for sc in slice_scans(vol, cfg)[2] if sc is not None]
+    cfg = study_config(meta)
+    images = [im for path in studies for im in lung_slice_images(read_volume(path), cfg, meta.preprocess)]
     size = meta.preprocess.image_size
     return torch.stack(images) if images else torch.zeros((0, 1, size, size), dtype=torch.uint8)
 

@@ -158,7 +158,8 @@ class StudyResult:
 
 
 def study_config(predictor, overrides=()) -> StudyConfig:
-    """The checkpoint's study settings (defaults for checkpoints written before they existed), with
+    """The checkpoint's study settings (``predictor``: a Predictor or a checkpoint's meta; defaults for
+    checkpoints written before they existed), with
     ``overrides`` such as ``["window_center=-650", "rule=max"]`` applied and validated.
 
     Raises:
@@ -166,7 +167,8 @@ def study_config(predictor, overrides=()) -> StudyConfig:
     """
     from covidscan.config import apply_overrides, config_from_dict
 
-    values = (predictor.meta.config or {}).get("study") or {}
+    meta = getattr(predictor, "meta", predictor)
+    values = (meta.config or {}).get("study") or {}
     known = {f for f in StudyConfig.__dataclass_fields__}
     base = {"study": {k: v for k, v in values.items() if k in known}}
     return config_from_dict(apply_overrides(base, [f"study.{o}" for o in overrides]), "study settings").study
@@ -185,6 +187,13 @@ def slice_scans(vol: Volume, cfg: StudyConfig) -> tuple[np.ndarray, np.ndarray, 
         for i in range(vol.n_slices)
     ]  # fmt: skip
     return areas, keep, scans
+
+
+def lung_slice_images(vol: Volume, cfg: StudyConfig, pre) -> list:
+    """The scored slices of ``vol`` as the model's ``1 x S x S`` uint8 inputs (``pre``: its preprocessing)."""
+    from covidscan.data.transforms import to_gray_uint8
+
+    return [to_gray_uint8(sc, pre) for sc in slice_scans(vol, cfg)[2] if sc is not None]
 
 
 def predict_study(predictor, study, *, cfg: StudyConfig | None = None, batch: int | None = None) -> StudyResult:

@@ -106,17 +106,12 @@ def cmd_train_ensemble(args) -> int:
 
 
 def cmd_loso_report(args) -> int:
-    from covidscan.experiments.pooling import adapted_file, adapted_scores, pool, report_markdown, site_adaptation, val_threshold
+    from covidscan.experiments.pooling import pool, pool_adapted, report_markdown, site_adaptation, val_threshold
 
     r = pool(args.runs, by=args.by, data=args.data, n_boot=args.bootstrap)
     val = val_threshold(args.runs) if args.val_threshold else None
-    site = adapted = None
-    if args.site_adaptation:
-        site = site_adaptation(args.runs[0], tta=args.tta)
-        for run in args.runs[1:]:  # every member adapted, then averaged: the ensemble a site would adapt
-            for fold in sorted(Path(run).glob("fold*/best.pt")):
-                adapted_scores(fold.parent, tta=args.tta)
-        adapted = pool(args.runs, n_boot=args.bootstrap, predictions=adapted_file(args.tta))
+    site = site_adaptation(args.runs[0], tta=args.tta) if args.site_adaptation else None
+    adapted = pool_adapted(args.runs, tta=args.tta, n_boot=args.bootstrap) if args.site_adaptation else None
     md = report_markdown(r, val, site, adapted)
     print(md)
     if args.out:

@@ -42,6 +42,20 @@ def read_scores(path: Path) -> dict[str, dict]:
         return {r["file"]: r for r in csv.DictReader(fh)}
 
 
+def write_scores(path: Path, records, p_covid) -> None:
+    """``records``' COVID probabilities in the ``predictions.csv`` format, written atomically (a report killed
+    half-way leaves no half-written cache)."""
+    import io
+
+    from covidscan.results import atomic_write
+
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(PREDICTION_FIELDS), lineterminator="\n")
+    w.writeheader()
+    w.writerows({"file": str(r.path), "label": r.label, "group": r.group, "p_covid": float(q)} for r, q in zip(records, p_covid))
+    atomic_write(path, buf.getvalue())
+
+
 def auroc_ci(y: np.ndarray, p: np.ndarray, groups: list[str], n_boot: int = 500) -> tuple[float, list]:
     probs = np.stack([1 - p, p], 1)
     auc = compute_metrics(y, probs)["per_class"]["auroc"][1]
@@ -137,11 +151,7 @@ def val_scores(fold_dir: Path) -> dict[str, dict]:
         model, meta = model_from_checkpoint(load_checkpoint(fold_dir / "best.pt"))
         preds = predict_index(model, meta, read_split(fold_dir / "split.csv").subset("val"))
         pos = list(meta.class_names).index(POSITIVE_CLASS)
-        with open(cache, "w", newline="", encoding="utf-8") as fh:
-            w = csv.DictWriter(fh, fieldnames=list(PREDICTION_FIELDS))
-            w.writeheader()
-            for r, q in zip(preds.index.records, preds.probs[:, pos]):
-                w.writerow({"file": str(r.path), "label": r.label, "group": r.group, "p_covid": float(q)})
+        write_scores(cache, preds.index.records, preds.probs[:, pos])
     return read_scores(cache)
 
 
@@ -193,18 +203,17 @@ def adapted_scores(fold_dir: Path, *, tta: bool = False) -> dict[str, dict]:
         adapt_batchnorm(model, store, device="cpu")
         preds = predict_index(model, meta, test, device="cpu", store=store, tta=tta)
         pos = list(meta.class_names).index(POSITIVE_CLASS)
-        _write_scores(cache, preds.index.records, preds.probs[:, pos])
+        write_scores(cache, preds.index.records, preds.probs[:, pos])
     return read_scores(cache)
 
 
-def _write_scores(path: Path, records, p_covid) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(PREDICTION_FIELDS))
-        w.writeheader()
-        for r, q in zip(records, p_covid):
-            w.writerow({"file": str(r.path), "label": r.label, "group": r.group, "p_covid": float(q)})
-    tmp.replace(path)  # a report killed half-way leaves no half-written cache behind
+def pool_adapted(runs: list[Path], *, tta: bool = False, n_boot: int = 500) -> dict:
+    """:func:`pool` of the runs' BatchNorm-adapted scores: every member adapted on each held-out source
+    (:func:`adapted_scores`, cached), then averaged, as a site would adapt each model of an ensemble."""
+    for run in runs:
+        for fold in sorted(Path(run).glob("fold*/best.pt")):
+            adapted_scores(fold.parent, tta=tta)
+    return pool(runs, n_boot=n_boot, predictions=adapted_file(tta))
 
 
 def site_adaptation(run: Path, *, calib: float = 0.2, seed: int = 0, tta: bool = False) -> list[dict]:
