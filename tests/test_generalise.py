@@ -327,6 +327,66 @@ def test_pooled_report_also_counts_each_source_once(tmp_path):
     )
 
 
+def two_patient_run(site, run):
+    """A held-out site of 6 COVID images and two non-COVID patients (``normal_p0`` scored above every COVID
+    image, ``normal_p1`` below), as fold00 of a leave-source-out run; fold01 holds only COVID images."""
+    site = make_folder_dataset(site, classes=("covid", "normal"), per_class=6, groups_per_class=2)
+    records = load_dataset([site], task="xray").records
+
+    def score(r):
+        if r.label == "covid":
+            return 0.5 + 0.01 * int(r.path.stem[-1])
+        return 0.9 if r.attribute("patient_id") == "normal_p0" else 0.1
+
+    for name, rows in (("fold00", records), ("fold01", [r for r in records if r.label == "covid"])):
+        d = run / name
+        d.mkdir(parents=True)
+        with open(d / "predictions.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["file", "label", "group", "p_covid"])
+            w.writerows([str(r.path), r.label, r.group, score(r)] for r in rows)
+    return site
+
+
+def test_report_by_patient_ranks_each_non_covid_patient_against_the_covid_images(tmp_path):
+    """``loso-report --by patient_id``: a held-out source whose non-COVID side is two patients, one scored above the
+    COVID images (a pneumonia the model takes for COVID) and one below (a normal), has a fold AUROC that mixes a
+    perfect and a reversed ranking; the report separates them."""
+    from covidscan.experiments.pooling import pool, report_markdown
+
+    site = two_patient_run(tmp_path / "site", tmp_path / "run")
+    r = pool([tmp_path / "run"], by="patient_id", data=[site], n_boot=0)
+    assert r["folds"][0]["auroc"] == pytest.approx(0.5)  # the two patients cancel out in the fold's figure
+    (row,) = [t for t in r["fixed_threshold"] if t["fold"] == "fold00"]
+    assert row["by_auroc"] == {"normal_p0": 0.0, "normal_p1": 1.0}
+    assert row["by"] == {"normal_p0": 0.0, "normal_p1": 1.0}  # specificity at the other fold's 95%-sensitivity threshold
+    assert "normal_p0 0% (AUROC vs COVID 0.000); normal_p1 100% (AUROC vs COVID 1.000)" in report_markdown(r)
+
+
+def test_ledger_report_splits_by_the_yardsticks_field(tmp_path, capsys):
+    """A yardstick with ``by: patient_id`` (the CT ones): ``covidscan ledger report`` of a variant, and of an
+    ensemble of its runs, ranks each held-out non-COVID patient against the COVID images without being asked."""
+    from covidscan.cli import main
+
+    two_patient_run(tmp_path / "root" / "site", tmp_path / "exp" / "v")
+    ledger = tmp_path / "ledger.yaml"
+    ledger.write_text(
+        "yardsticks: {y: {data: [site], sources: [], by: patient_id}, plain: {data: [site], sources: []}}\n"
+        "variants: {v: {config: configs/ct_generalise_finetune.yaml, yardstick: y},"
+        " w: {config: configs/ct_generalise_finetune.yaml, yardstick: plain}}\n"
+        "ensembles: {both: [v, v]}\n"
+    )
+    opts = ["--ledger", str(ledger), "--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "exp"), "--bootstrap", "0"]
+    line = "normal_p0 0% (AUROC vs COVID 0.000); normal_p1 100% (AUROC vs COVID 1.000)"
+    for name in ("v", "both"):
+        assert main(["ledger", "report", name, *opts]) == 0
+        assert line in capsys.readouterr().out
+    (tmp_path / "exp" / "w").symlink_to(tmp_path / "exp" / "v")
+    assert main(["ledger", "report", "w", *opts]) == 0  # a yardstick without `by`: no split
+    out = capsys.readouterr().out
+    assert "AUROC vs COVID" not in out and "| fold00 | 12 | 6 |" in out
+
+
 def test_site_adaptation_report_pools_bn_adapted_scores_of_every_member(tmp_path, monkeypatch):
     """``loso-report --site-adaptation``: each fold's model re-estimates BatchNorm on its held-out images (the
     same as ``covidscan adapt`` on that source's folder), the scores are cached per fold and pooled like the

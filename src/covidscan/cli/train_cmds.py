@@ -121,7 +121,7 @@ def cmd_loso_report(args) -> int:
 
 
 def cmd_ledger(args) -> int:
-    from covidscan.experiments.ledger import load_ledger, resolve_runs, run_variant, variant_of
+    from covidscan.experiments.ledger import load_ledger, report_split, resolve_runs, run_variant, variant_of
     from covidscan.experiments.pooling import pool, report_markdown
 
     variants, ensembles = load_ledger(args.ledger)
@@ -139,8 +139,9 @@ def cmd_ledger(args) -> int:
             variant, only = variant_of(name, variants)
             run_variant(variant, args.data_root, args.out, progress=not args.quiet, only=only)
         else:
+            split = report_split(name, variants, ensembles, args.data_root, args.out)
             for runs in resolve_runs(name, variants, ensembles, args.out):
-                print(report_markdown(pool(runs, n_boot=args.bootstrap)))
+                print(report_markdown(pool(runs, n_boot=args.bootstrap, **split)))
     return 0
 
 
@@ -221,7 +222,12 @@ def register(sub) -> None:
         description="Example: covidscan loso-report runs/exp/rec_pbn_seed0 runs/exp/incv3_plain_seed0 --by view --data ../shared/data/xray-extra",
     )
     p.add_argument("runs", type=Path, nargs="+", help="covidscan loso output folders with the same folds (several: averaged)")
-    p.add_argument("--by", default="", help="also split the fixed-threshold specificity by a manifest field (e.g. view)")
+    p.add_argument(
+        "--by",
+        default="",
+        help="also split the fixed-threshold specificity by a manifest field (view; patient_id: each held-out CT patient), "
+        "with each value's AUROC against the fold's COVID images",
+    )
     p.add_argument("--data", type=Path, nargs="*", default=[], help="dataset folders whose manifests hold that field")
     p.add_argument("--val-threshold", action="store_true", help="also the threshold from each fold's own validation split")
     p.add_argument(

@@ -4,8 +4,8 @@
     covidscan ledger run rec_pbn incv3_plain --out runs/exp # train them (resumable: finished folds are kept)
     covidscan ledger report zoo_xray --out runs/exp         # pool a variant or an ensemble of variants
 
-A variant is a recipe (``config`` + ``set`` overrides), a yardstick (dataset folders under the data root and
-the sources held out together) and seeds; its runs go to ``OUT/NAME`` (one seed) or ``OUT/NAME_seedS``. An
+A variant is a recipe (``config`` + ``set`` overrides), a yardstick (dataset folders under the data root, the
+sources held out together and optionally ``by``, a manifest field the report splits non-COVID images by) and seeds; its runs go to ``OUT/NAME`` (one seed) or ``OUT/NAME_seedS``. An
 ensemble names runs to average. Replaces the per-round shell scripts and analysers of sessions 5-9.
 """
 
@@ -31,6 +31,7 @@ class Variant:
     sources: list[str]
     set: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
+    by: str = ""  # the yardstick's manifest field the report splits non-COVID images by (patient_id: CT patients)
 
     def runs(self) -> list[tuple[str, int | None]]:
         """``(run folder name, seed)`` per run: ``NAME`` without seeds, else ``NAME_seedS``."""
@@ -51,7 +52,7 @@ def load_ledger(path: str | Path) -> tuple[dict[str, Variant], dict[str, list[st
             raise ConfigError(f"{path}: variant {name!r}: unknown yardstick {v.get('yardstick')!r} (known: {', '.join(sticks)})")
         y = sticks[v["yardstick"]]
         variants[name] = Variant(name, v["config"], v["yardstick"], list(y["data"]), list(y.get("sources") or []),
-                                 list(v.get("set") or []), list(v.get("seeds") or []))  # fmt: skip
+                                 list(v.get("set") or []), list(v.get("seeds") or []), str(y.get("by") or ""))  # fmt: skip
     runs = {r for v in variants.values() for r, _ in v.runs()}
     ensembles = {k: list(m) for k, m in (d.get("ensembles") or {}).items()}
     for k, members in ensembles.items():
@@ -107,6 +108,14 @@ def variant_of(name: str, variants: dict[str, Variant]) -> tuple[Variant, str | 
         if any(name == r for r, _ in v.runs()):
             return v, name
     raise ConfigError(f"{name!r} is no variant or run of the ledger (covidscan ledger list)")
+
+
+def report_split(name: str, variants: dict[str, Variant], ensembles: dict[str, list[str]], root: Path, out: Path) -> dict:
+    """``pool``'s ``by`` and ``data`` for reporting ``name``: its yardstick's ``by`` field (an ensemble: its first
+    member's), read from the yardstick's datasets; ``{}`` when the yardstick names none."""
+    first = ensembles[name][0] if name in ensembles else name
+    v, _ = variant_of(first, variants)
+    return {"by": v.by, "data": dataset_paths(v.data, root, out)} if v.by else {}
 
 
 def resolve_runs(name: str, variants: dict[str, Variant], ensembles: dict[str, list[str]], out: Path) -> list[list[Path]]:

@@ -8,7 +8,8 @@ COVID probabilities of each held-out image are averaged):
   AUROCs (each held-out source counted once, where the pooled figure weighs them by size);
 * per fold: specificity on each held-out non-COVID class at the threshold that gives 95% COVID sensitivity
   on the *other* folds' held-out COVID images (a threshold fixed before the new site is seen), optionally per
-  value of a manifest field (``by="view"``: the projection);
+  value of a manifest field (``by="view"``: the projection; ``by="patient_id"``: each held-out CT patient),
+  with the AUROC of the fold's COVID images against that value's non-COVID images;
 * ``val_threshold``: the threshold a model could ship with (95% sensitivity on its own validation split),
   applied unchanged to the held-out images (validation scores cached in ``fold/val_predictions.csv``);
 * ``site``: what BatchNorm re-estimation on the held-out images (no labels) and a threshold chosen on 20% of
@@ -100,6 +101,16 @@ def threshold_for_sensitivity_of(p_pos: np.ndarray, sensitivity: float = 0.95) -
     return threshold_for_sensitivity(np.ones(len(p_pos), bool), p_pos, sensitivity)["value"]
 
 
+def against_covid(f: Fold, negatives: np.ndarray) -> float:
+    """AUROC of fold ``f``'s COVID images against the non-COVID images selected by ``negatives``: which kind of
+    non-COVID image (a patient, a view, a disease) a model confuses with COVID, where the fold's AUROC mixes them."""
+    from sklearn.metrics import roc_auc_score
+
+    pos = f.y == 1
+    keep = pos | negatives
+    return float(roc_auc_score(pos[keep], f.p[keep]))
+
+
 def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predictions: str = "predictions.csv") -> dict:
     """AUROC per fold and pooled, and the cross-fold fixed-threshold specificity (see the module docstring);
     ``predictions``: which scores file of each fold (``adapted_file()``: after BatchNorm adaptation)."""
@@ -136,6 +147,8 @@ def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predic
             if by:
                 vals = np.asarray(f.values)
                 row["by"] = {v: float((f.p[sel & (vals == v)] < thr).mean()) for v in sorted(set(vals[sel]))}
+                if f.y.any():  # how the fold's COVID images rank against each value's non-COVID images
+                    row["by_auroc"] = {v: against_covid(f, sel & (vals == v)) for v in row["by"]}
             out["fixed_threshold"].append(row)
     return out
 
@@ -289,7 +302,10 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
             "|---|---|---:|---:|---:|" + ("---|" if r["by"] else ""),
         ]
         for t in r["fixed_threshold"]:
-            extra = " " + "; ".join(f"{k} {v:.0%}" for k, v in t.get("by", {}).items()) + " |" if r["by"] else ""
+            ranks = t.get("by_auroc", {})
+            extra = " " + "; ".join(
+                f"{k} {v:.0%}" + (f" (AUROC vs COVID {ranks[k]:.3f})" if k in ranks else "") for k, v in t.get("by", {}).items()
+            ) + " |" if r["by"] else ""  # fmt: skip
             lines.append(f"| {t['fold']} | {t['label']} | {t['n']} | {t['threshold']:.3f} | {t['specificity']:.1%} |{extra}")
     if val:
         lines += ["", "At the threshold for 95% sensitivity on each fold's own validation split:", ""]
