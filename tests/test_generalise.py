@@ -357,10 +357,17 @@ def test_report_by_patient_ranks_each_non_covid_patient_against_the_covid_images
     site = two_patient_run(tmp_path / "site", tmp_path / "run")
     r = pool([tmp_path / "run"], by="patient_id", data=[site], n_boot=0)
     assert r["folds"][0]["auroc"] == pytest.approx(0.5)  # the two patients cancel out in the fold's figure
+    assert r["folds"][0]["by_auroc"] == {"normal_p0": 0.0, "normal_p1": 1.0}
+    assert "by_auroc" not in r["folds"][1]  # a fold with COVID images alone ranks nothing
     (row,) = [t for t in r["fixed_threshold"] if t["fold"] == "fold00"]
-    assert row["by_auroc"] == {"normal_p0": 0.0, "normal_p1": 1.0}
     assert row["by"] == {"normal_p0": 0.0, "normal_p1": 1.0}  # specificity at the other fold's 95%-sensitivity threshold
-    assert "normal_p0 0% (AUROC vs COVID 0.000); normal_p1 100% (AUROC vs COVID 1.000)" in report_markdown(r)
+    text = report_markdown(r)
+    assert "| fold00 | normal_p0 0.000; normal_p1 1.000 |" in text and "| fold00 | normal | 6 |" in text
+
+    # a run of one fold (`covidscan loso --sources` one hospital): no threshold to transfer, the ranking still shows
+    (tmp_path / "run" / "fold01" / "predictions.csv").unlink()
+    one = pool([tmp_path / "run"], by="patient_id", data=[site], n_boot=0)
+    assert one["fixed_threshold"] == [] and "| fold00 | normal_p0 0.000; normal_p1 1.000 |" in report_markdown(one)
 
 
 def test_ledger_report_splits_by_the_yardsticks_field(tmp_path, capsys):
@@ -377,14 +384,14 @@ def test_ledger_report_splits_by_the_yardsticks_field(tmp_path, capsys):
         "ensembles: {both: [v, v]}\n"
     )
     opts = ["--ledger", str(ledger), "--data-root", str(tmp_path / "root"), "--out", str(tmp_path / "exp"), "--bootstrap", "0"]
-    line = "normal_p0 0% (AUROC vs COVID 0.000); normal_p1 100% (AUROC vs COVID 1.000)"
+    line = "| fold00 | normal_p0 0.000; normal_p1 1.000 |"
     for name in ("v", "both"):
         assert main(["ledger", "report", name, *opts]) == 0
         assert line in capsys.readouterr().out
     (tmp_path / "exp" / "w").symlink_to(tmp_path / "exp" / "v")
     assert main(["ledger", "report", "w", *opts]) == 0  # a yardstick without `by`: no split
     out = capsys.readouterr().out
-    assert "AUROC vs COVID" not in out and "| fold00 | 12 | 6 |" in out
+    assert "normal_p0" not in out and "| fold00 | 12 | 6 |" in out
 
 
 def test_site_adaptation_report_pools_bn_adapted_scores_of_every_member(tmp_path, monkeypatch):

@@ -126,12 +126,15 @@ def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predic
     for f in folds:
         auc, ci = auroc_ci(f.y, f.p, f.groups, n_boot) if f.y.min() != f.y.max() else (float("nan"), [float("nan")] * 2)
         out["folds"].append({"fold": f.name, "n": len(f.y), "covid": int(f.y.sum()), "auroc": auc, "ci95": ci})
+        if by and f.y.min() != f.y.max():  # how the fold's COVID images rank against each value's non-COVID images
+            vals, neg = np.asarray(f.values), f.y == 0
+            out["folds"][-1]["by_auroc"] = {v: against_covid(f, neg & (vals == v)) for v in sorted(set(vals[neg]))}
     y, p = np.concatenate([f.y for f in folds]), np.concatenate([f.p for f in folds])
     auc, ci = auroc_ci(y, p, sum((f.groups for f in folds), []), n_boot)
     out["pooled"] = {"n": len(y), "covid": int(y.sum()), "auroc": auc, "ci95": ci}
     out["source_mean"] = source_mean(f["auroc"] for f in out["folds"])
     for f in folds:
-        other = np.concatenate([g.p[g.y == 1] for g in folds if g is not f])
+        other = np.concatenate([g.p[g.y == 1] for g in folds if g is not f] or [np.empty(0)])  # one fold: none
         if not len(other):
             continue
         thr = threshold_for_sensitivity_of(other)
@@ -147,8 +150,6 @@ def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predic
             if by:
                 vals = np.asarray(f.values)
                 row["by"] = {v: float((f.p[sel & (vals == v)] < thr).mean()) for v in sorted(set(vals[sel]))}
-                if f.y.any():  # how the fold's COVID images rank against each value's non-COVID images
-                    row["by_auroc"] = {v: against_covid(f, sel & (vals == v)) for v in row["by"]}
             out["fixed_threshold"].append(row)
     return out
 
@@ -291,6 +292,15 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
     sm = r.get("source_mean")
     if sm and sm["folds"] > 1:
         lines.append(f"| mean of the {sm['folds']} folds with both classes (each source counted once) | | | {sm['auroc']:.3f} |")
+    ranked = [f for f in r["folds"] if f.get("by_auroc")]
+    if ranked:
+        lines += [
+            "",
+            f"AUROC of each fold's COVID images against the non-COVID images of each {r['by']} (below 0.5: ranked above COVID):",
+            "",
+        ]
+        lines += [f"| fold | {r['by']}: AUROC |", "|---|---|"]
+        lines += [f"| {f['fold']} | " + "; ".join(f"{k} {v:.3f}" for k, v in f["by_auroc"].items()) + " |" for f in ranked]
     if r["fixed_threshold"]:
         lines += [
             "",
@@ -302,10 +312,7 @@ def report_markdown(r: dict, val: list[dict] | None = None, site: list[dict] | N
             "|---|---|---:|---:|---:|" + ("---|" if r["by"] else ""),
         ]
         for t in r["fixed_threshold"]:
-            ranks = t.get("by_auroc", {})
-            extra = " " + "; ".join(
-                f"{k} {v:.0%}" + (f" (AUROC vs COVID {ranks[k]:.3f})" if k in ranks else "") for k, v in t.get("by", {}).items()
-            ) + " |" if r["by"] else ""  # fmt: skip
+            extra = " " + "; ".join(f"{k} {v:.0%}" for k, v in t.get("by", {}).items()) + " |" if r["by"] else ""
             lines.append(f"| {t['fold']} | {t['label']} | {t['n']} | {t['threshold']:.3f} | {t['specificity']:.1%} |{extra}")
     if val:
         lines += ["", "At the threshold for 95% sensitivity on each fold's own validation split:", ""]
