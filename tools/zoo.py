@@ -100,9 +100,9 @@ RECIPES = {
         ],
         "failure_modes": [
             "Other pneumonias: the held-out community-acquired pneumonia patient scored COVID 1.000. The model "
-            "separates diseased from clear lungs, not COVID from other infections: on the hospital it never saw, its "
-            "COVID slices rank below that patient's slices (AUROC 0.343, COVID against CAP) and above the normal "
-            "patient's (0.863; `covidscan loso-report RUN --by patient_id`). No CT of another pneumonia was there to "
+            "separates diseased from clear lungs, not COVID from other infections: trained without that hospital, the pair ranks its "
+            "COVID slices below that patient's slices (AUROC 0.253, COVID against CAP) and above the normal "
+            "patient's (0.850; `covidscan loso-report RUN --by patient_id`). No CT of another pneumonia was there to "
             "train on.",
             "Transfer is unproven: the goal of 0.85 pooled leave-one-source-out AUROC is not met, and one hospital "
             "(Soares, São Paulo) gives 89% of the training slices. Calibrate on your own patients "
