@@ -94,12 +94,16 @@ def test_bad_crop_rejected():
 
 
 def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
+    from covidscan.errors import DataError
     from covidscan.experiments.loso import leave_one_source_out
 
     a = make_folder_dataset(tmp_path / "hospA", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=1)
     b = make_folder_dataset(tmp_path / "hospB", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=2)
     c = make_folder_dataset(tmp_path / "hospC", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=3)
     cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1, "mixup": 0.3})
+    with pytest.raises(DataError, match=r"unknown source\(s\) \['hospd'\]; sources: \['hospa', 'hospb', 'hospc'\]"):
+        leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", sources=["hospa", "hospb+hospd"])
+    assert not (tmp_path / "loso").exists()  # a typo in any fold is caught before a folder is made or a fold trains
     res = leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", n_boot=20)
     assert [f["source"] for f in res["folds"]] == ["hospa", "hospb", "hospc"]
     for k, src in enumerate(["hospA", "hospB", "hospC"]):

@@ -127,16 +127,17 @@ def leave_one_source_out(
     (its ``fold.json`` exists and was made with the same config), so an interrupted run
     continues where it stopped."""
     out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     index = exclude_sources(load_dataset(data, cfg.data.task), cfg.data.exclude)
     all_sources = sorted({source_key(r.source) for r in index.records})
     if len(all_sources) < 2:
         raise DataError("leave-one-source-out needs at least two sources")
-    folds, pooled_y, pooled_p, pooled_g = [], [], [], []
-    for k, s in enumerate(sources or all_sources):
+    for s in sources or all_sources:  # every fold checked before any trains (a typo in the last one costs nothing)
         unknown = fold_sources(s) - set(all_sources)
         if unknown or not fold_sources(s):
             raise DataError(f"unknown source(s) {sorted(unknown) or s!r}; sources: {all_sources} (join several with +)")
+    out.mkdir(parents=True, exist_ok=True)
+    folds, pooled_y, pooled_p, pooled_g = [], [], [], []
+    for k, s in enumerate(sources or all_sources):
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
