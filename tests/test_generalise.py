@@ -101,7 +101,7 @@ def test_loso_never_trains_on_left_out_source(tmp_path, monkeypatch):
     b = make_folder_dataset(tmp_path / "hospB", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=2)
     c = make_folder_dataset(tmp_path / "hospC", classes=("covid", "normal"), per_class=8, size=40, manifest=False, seed=3)
     cfg = tiny_config(data={"task": "ct"}, train={"epochs": 1, "mixup": 0.3})
-    with pytest.raises(DataError, match=r"unknown source\(s\) \['hospd'\]; sources: \['hospa', 'hospb', 'hospc'\]"):
+    with pytest.raises(DataError, match=r"unknown source\(s\) \['hospd'\]; known: \['hospa', 'hospb', 'hospc'\]"):
         leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", sources=["hospa", "hospb+hospd"])
     assert not (tmp_path / "loso").exists()  # a typo in any fold is caught before a folder is made or a fold trains
     res = leave_one_source_out(cfg, [a, b, c], tmp_path / "loso", n_boot=20)
@@ -329,6 +329,35 @@ def test_pooled_report_also_counts_each_source_once(tmp_path):
         f"| mean of the 2 folds with both classes (each source counted once) | | | {r['source_mean']['auroc']:.3f} |"
         in report_markdown(r)
     )
+
+
+def test_loso_by_patient_holds_out_one_patient_and_keeps_the_rest_of_its_hospital(tmp_path):
+    """``covidscan loso --field patient_id --sources ...`` (the issue's "each ct-volumes patient held out in turn"):
+    each fold's test set is exactly one patient's images, the same hospital's other patients stay in training,
+    and the report, the pooled figure and a resumed run name patients, not sources."""
+    from covidscan.cli import main
+    from covidscan.data import read_split
+
+    site = make_folder_dataset(tmp_path / "site", classes=("covid", "normal"), per_class=6, size=40, groups_per_class=2)
+    other = make_folder_dataset(tmp_path / "other", classes=("covid", "normal"), per_class=6, size=40, manifest=False, seed=4)
+    out = tmp_path / "lopo"
+    argv = ["loso", "--data", str(site), str(other), "--out", str(out), "--field", "patient_id",
+            "--sources", "normal_p0", "covid_p1", "--bootstrap", "0", "--quiet",
+            *[a for kv in ("data.task=ct", "train.epochs=1", "train.batch_size=4", "model.weights=none", "data.image_size=32",
+                           "augment.enabled=false") for a in ("--set", kv)]]  # fmt: skip
+    assert main(argv) == 0
+    for k, patient in enumerate(["normal_p0", "covid_p1"]):
+        split = read_split(out / f"fold{k:02d}" / "loso_split.csv")
+        test = split.subset("test").records
+        assert {r.attribute("patient_id") for r in test} == {patient} and len(test) == 3
+        trained = {r.attribute("patient_id") for r in split.subset("train").records + split.subset("val").records}
+        assert patient not in trained and {"covid_p0", "normal_p1"} & trained  # the hospital's other patients kept
+        assert json.loads((out / f"fold{k:02d}" / "fold.json").read_text())["fold"]["field"] == "patient_id"
+    res = json.loads((out / "loso.json").read_text())
+    assert res["field"] == "patient_id" and res["pooled"]["n"] == 6
+    assert "| left-out patient_id |" in (out / "loso.md").read_text()
+    bad = [*argv[: argv.index("--sources")], "--sources", "normal_p9", "--out", str(tmp_path / "bad")]
+    assert main(bad) != 0 and not (tmp_path / "bad").exists()  # a patient that is not there: nothing made or trained
 
 
 def two_patient_run(site, run):

@@ -58,7 +58,14 @@ def cmd_loso(args) -> int:
 
     cfg = load_config(args.config, args.set)
     leave_one_source_out(
-        cfg, args.data, args.out, sources=args.sources, n_boot=args.bootstrap, progress=not args.quiet, resume=args.resume
+        cfg,
+        args.data,
+        args.out,
+        sources=args.sources,
+        field=args.field,
+        n_boot=args.bootstrap,
+        progress=not args.quiet,
+        resume=args.resume,
     )
     print((Path(args.out) / "loso.md").read_text())
     return 0
@@ -209,6 +216,12 @@ def register(sub) -> None:
     common.add_out(p, "folder for one subfolder per fold, loso.json and loso.md")
     p.add_argument(
         "--sources", nargs="+", help="the folds: left-out sources, several joined with + (default: each source in turn)"
+    )
+    p.add_argument(
+        "--field",
+        default="source",
+        help="hold out values of this manifest field instead of sources, e.g. patient_id --sources p001 cap001 normal001: "
+        "one CT patient per fold, the rest of that hospital kept in training",
     )
     common.add_set(p)
     common.add_bootstrap(p, 500)

@@ -46,19 +46,26 @@ def fold_sources(left_out: str) -> set[str]:
     return {s.strip() for s in left_out.split("+") if s.strip()}
 
 
-def loso_split(index, left_out: str, *, val: float, seed: int) -> Split:
-    """Test = every image of the source(s) ``left_out`` (:func:`source_key` names joined by ``+``);
-    train / val = the other sources minus any group (patient, near-duplicate) that reaches into
-    a left-out source."""
+def held_key(record, field: str = "source") -> str:
+    """What a fold holds out of ``record``: its :func:`source_key`, or with another ``field`` the same key of that
+    manifest field's value (``patient_id``: one patient per fold; a record without the field is never held out)."""
+    return source_key(record.source if field == "source" else record.attribute(field))
+
+
+def loso_split(index, left_out: str, *, val: float, seed: int, field: str = "source") -> Split:
+    """Test = every image of the source(s) ``left_out`` (:func:`source_key` names joined by ``+``; with
+    ``field``, values of that manifest field, e.g. patients); train / val = the rest minus any group (patient,
+    near-duplicate) that reaches into a left-out one."""
     out = fold_sources(left_out)
-    touched = {r.group for r in index.records if source_key(r.source) in out}
-    rest = [i for i, r in enumerate(index.records) if source_key(r.source) not in out and r.group not in touched]
+    held = [held_key(r, field) in out for r in index.records]
+    touched = {r.group for r, h in zip(index.records, held) if h}
+    rest = [i for i, r in enumerate(index.records) if not held[i] and r.group not in touched]
     inner = grouped_split(index.subset(rest), test=val, val=0.0, seed=seed)  # its "test" part is our validation
     assignment = ["drop"] * len(index)
     for k, i in enumerate(rest):
         assignment[i] = "val" if inner.assignment[k] == "test" else "train"
-    for i, r in enumerate(index.records):
-        if source_key(r.source) in out:
+    for i in range(len(index)):
+        if held[i]:
             assignment[i] = "test"
     keep = [i for i, a in enumerate(assignment) if a != "drop"]
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
@@ -80,7 +87,9 @@ def _finished_fold(fold_dir: Path, cfg: Config) -> tuple[dict, list[dict]] | Non
         return None
 
 
-def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, weights_source: str = "") -> tuple[dict, dict]:
+def score_fold(
+    fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, weights_source: str = "", field: str = "source"
+) -> tuple[dict, dict]:
     """Score ``fold_dir/best.pt`` on the left-out images of ``split``; write ``predictions.csv``
     (one row per image: file, label, group, COVID probability) and then ``fold.json`` (the
     fold's summary with 95% group-bootstrap intervals; its presence marks the fold finished).
@@ -95,6 +104,7 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
     ci = bootstrap_ci(preds.y, preds.probs, groups, n_boot=n_boot) if n_boot else {}
     fold = {
         "source": source,
+        **({"field": field} if field != "source" else {}),
         "n": int(len(preds.y)),
         "trained_on": len(split.indices("train")),
         "classes": {n: int((preds.y == c).sum()) for c, n in enumerate(names)},
@@ -120,35 +130,49 @@ def score_fold(fold_dir: Path, split: Split, source: str, *, n_boot: int = 500, 
 
 
 def leave_one_source_out(
-    cfg: Config, data, out, *, sources=None, n_boot: int = 500, progress: bool = False, resume: bool = False
+    cfg: Config,
+    data,
+    out,
+    *,
+    sources=None,
+    field: str = "source",
+    n_boot: int = 500,
+    progress: bool = False,
+    resume: bool = False,
 ) -> dict:
     """Train and score one model per left-out source into ``out/foldNN``; pooled table in
     ``out/loso.json`` and ``out/loso.md``. ``resume=True`` keeps every fold that finished
     (its ``fold.json`` exists and was made with the same config), so an interrupted run
-    continues where it stopped."""
+    continues where it stopped. ``field``: hold out values of another manifest field instead
+    (``patient_id`` with ``sources=["p001", "cap001"]``: one patient per fold, the rest of
+    their hospital kept in training)."""
     out = Path(out)
     index = exclude_sources(load_dataset(data, cfg.data.task), cfg.data.exclude)
-    all_sources = sorted({source_key(r.source) for r in index.records})
+    all_sources = sorted({held_key(r, field) for r in index.records} - {""})
     if len(all_sources) < 2:
-        raise DataError("leave-one-source-out needs at least two sources")
+        what = "sources" if field == "source" else f"values of {field!r}"
+        raise DataError(f"leave-one-out needs at least two {what} (found {all_sources})")
     for s in sources or all_sources:  # every fold checked before any trains (a typo in the last one costs nothing)
         unknown = fold_sources(s) - set(all_sources)
         if unknown or not fold_sources(s):
-            raise DataError(f"unknown source(s) {sorted(unknown) or s!r}; sources: {all_sources} (join several with +)")
+            what = "source(s)" if field == "source" else f"{field} value(s)"
+            raise DataError(f"unknown {what} {sorted(unknown) or s!r}; known: {all_sources} (join several with +)")
     out.mkdir(parents=True, exist_ok=True)
     folds, pooled_y, pooled_p, pooled_g = [], [], [], []
     for k, s in enumerate(sources or all_sources):
-        split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed)
+        split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed, field=field)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
         finished = _finished_fold(fold_dir, cfg) if resume else None
+        if finished and (finished[0].get("source") != s or finished[0].get("field", "source") != field):
+            finished = None  # the folder held another fold (other sources, or another field's values)
         if finished:
             fold, rows = finished
             logger.info("LOSO %s: kept finished fold %s", s, fold_dir)
         else:
             write_split(split, fold_dir / "loso_split.csv")
             result = train(cfg, None, fold_dir, split_file=fold_dir / "loso_split.csv", progress=progress, overwrite=True)
-            fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source)
+            fold, rows = score_fold(fold_dir, split, s, n_boot=n_boot, weights_source=result.weights_source, field=field)
         folds.append(fold)
         pooled_y.append(np.asarray([r["label"] == POSITIVE_CLASS for r in rows], dtype=int))
         pooled_p.append(np.asarray([r["p_covid"] for r in rows], dtype=np.float64))
@@ -161,6 +185,7 @@ def leave_one_source_out(
     ci = bootstrap_ci(y, probs2, pooled_g, n_boot=n_boot) if n_boot else {}
     res = {
         "task": cfg.data.task,
+        "field": field,
         "config": cfg.to_dict(),
         "folds": folds,
         "pooled": {
@@ -202,7 +227,7 @@ def loso_markdown(r: dict) -> str:
         "",
         f"Training options: {_training_options(r['config'])}",
         "",
-        "| left-out source | images | classes | accuracy % | COVID AUROC [95% CI] | COVID sensitivity % [95% CI] | COVID specificity % [95% CI] |",
+        f"| left-out {r.get('field', 'source')} | images | classes | accuracy % | COVID AUROC [95% CI] | COVID sensitivity % [95% CI] | COVID specificity % [95% CI] |",
         "|---|---:|---|---:|---:|---:|---:|",
     ]
     for f in r["folds"]:
@@ -214,8 +239,8 @@ def loso_markdown(r: dict) -> str:
     p = r["pooled"]
     lines += [
         "",
-        f"**Pooled out-of-source COVID-vs-rest AUROC: {fmt_interval(p['covid_auroc'], p.get('covid_auroc_ci'), pct=False)}** (n = {p['n']}; "
-        "every image scored by a model that never saw its source; 95% bootstrap over patient groups)",
+        f"**Pooled out-of-{r.get('field', 'source')} COVID-vs-rest AUROC: {fmt_interval(p['covid_auroc'], p.get('covid_auroc_ci'), pct=False)}** "
+        f"(n = {p['n']}; every image scored by a model that never saw its {r.get('field', 'source')}; 95% bootstrap over patient groups)",
         "",
     ]
     sm = source_mean(f.get("covid_auroc") for f in r["folds"])
