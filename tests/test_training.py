@@ -609,3 +609,25 @@ def test_ledger_run_one_seed(tmp_path, monkeypatch):
     assert main(["ledger", "run", "v", *opts]) == 0
     assert calls == [(0, "v_seed0"), (1, "v_seed1"), (2, "v_seed2")]
     assert main(["ledger", "run", "v_seed7", *opts]) == 2 and len(calls) == 3
+
+
+def test_ledger_yardstick_field_holds_out_patients(tmp_path, monkeypatch):
+    """A yardstick with ``field: patient_id`` (ct_patients) trains folds that hold out those patients; one without
+    holds out sources."""
+    import covidscan.experiments.loso as loso_mod
+    from covidscan.cli import main
+
+    ledger = tmp_path / "ledger.yaml"
+    cfg = REPO / "configs" / "ct_generalise_finetune.yaml"
+    ledger.write_text(
+        "yardsticks: {p: {data: [a], sources: [p001, cap001], field: patient_id}, s: {data: [a], sources: []}}\n"
+        f"variants: {{v: {{config: {cfg}, yardstick: p}}, w: {{config: {cfg}, yardstick: s}}}}\n"
+    )
+    calls = []
+    monkeypatch.setattr(loso_mod, "leave_one_source_out", lambda cfg, data, out, **kw: calls.append((out.name, kw)))
+    opts = ["--ledger", str(ledger), "--data-root", str(tmp_path), "--out", str(tmp_path / "exp"), "--quiet"]
+    assert main(["ledger", "run", "v", "w", *opts]) == 0
+    assert [(n, kw["field"], kw["sources"]) for n, kw in calls] == [
+        ("v", "patient_id", ["p001", "cap001"]),
+        ("w", "source", None),
+    ]

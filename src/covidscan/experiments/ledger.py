@@ -5,7 +5,8 @@
     covidscan ledger report zoo_xray --out runs/exp         # pool a variant or an ensemble of variants
 
 A variant is a recipe (``config`` + ``set`` overrides), a yardstick (dataset folders under the data root, the
-sources held out together and optionally ``by``, a manifest field the report splits non-COVID images by) and seeds; its runs go to ``OUT/NAME`` (one seed) or ``OUT/NAME_seedS``. An
+sources held out together, or with ``field`` the values of another manifest field such as ``patient_id``, and
+optionally ``by``, a manifest field the report splits non-COVID images by) and seeds; its runs go to ``OUT/NAME`` (one seed) or ``OUT/NAME_seedS``. An
 ensemble names runs to average. Replaces the per-round shell scripts and analysers of sessions 5-9.
 """
 
@@ -32,6 +33,7 @@ class Variant:
     set: list[str] = field(default_factory=list)
     seeds: list[int] = field(default_factory=list)
     by: str = ""  # the yardstick's manifest field the report splits non-COVID images by (patient_id: CT patients)
+    field: str = "source"  # what each fold holds out: sources, or values of this manifest field (patient_id)
 
     def runs(self) -> list[tuple[str, int | None]]:
         """``(run folder name, seed)`` per run: ``NAME`` without seeds, else ``NAME_seedS``."""
@@ -52,7 +54,8 @@ def load_ledger(path: str | Path) -> tuple[dict[str, Variant], dict[str, list[st
             raise ConfigError(f"{path}: variant {name!r}: unknown yardstick {v.get('yardstick')!r} (known: {', '.join(sticks)})")
         y = sticks[v["yardstick"]]
         variants[name] = Variant(name, v["config"], v["yardstick"], list(y["data"]), list(y.get("sources") or []),
-                                 list(v.get("set") or []), list(v.get("seeds") or []), str(y.get("by") or ""))  # fmt: skip
+                                 list(v.get("set") or []), list(v.get("seeds") or []), str(y.get("by") or ""),
+                                 str(y.get("field") or "source"))  # fmt: skip
     runs = {r for v in variants.values() for r, _ in v.runs()}
     ensembles = {k: list(m) for k, m in (d.get("ensembles") or {}).items()}
     for k, members in ensembles.items():
@@ -90,7 +93,13 @@ def run_variant(v: Variant, root: Path, out: Path, *, progress: bool = False, on
             continue
         cfg = load_config(v.config, v.set + ([f"train.seed={seed}"] if seed is not None else []))
         leave_one_source_out(
-            cfg, dataset_paths(v.data, root, out), out / run, sources=v.sources or None, progress=progress, resume=True
+            cfg,
+            dataset_paths(v.data, root, out),
+            out / run,
+            sources=v.sources or None,
+            field=v.field,
+            progress=progress,
+            resume=True,
         )
         folders.append(out / run)
     return folders
