@@ -105,8 +105,8 @@ RECIPES = {
             "Other pneumonias: the held-out community-acquired pneumonia patient scored COVID 1.000. The model "
             "separates diseased from clear lungs, not COVID from other infections: trained without that hospital, the pair ranks its "
             "COVID slices below that patient's slices (AUROC 0.253, COVID against CAP) and above the normal "
-            "patient's (0.850; `covidscan loso-report RUN --by patient_id`). No CT of another pneumonia was there to "
-            "train on.",
+            "patient's (0.850; `covidscan loso-report RUN --by patient_id`). Apart from that one "
+            "patient (in this model's training), no CT of another pneumonia was there to train on.",
             "Transfer is unproven: the goal of 0.85 pooled leave-one-source-out AUROC is not met, and one hospital "
             "(Soares, São Paulo) gives 89% of the training slices. Calibrate on your own patients "
             "(`covidscan calibrate --data STUDIES`) and evaluate before reading any probability.",
