@@ -331,7 +331,7 @@ def test_pooled_report_also_counts_each_source_once(tmp_path):
     )
 
 
-def test_loso_by_patient_holds_out_one_patient_and_keeps_the_rest_of_its_hospital(tmp_path):
+def test_loso_by_patient_holds_out_one_patient_and_keeps_the_rest_of_its_hospital(tmp_path, monkeypatch):
     """``covidscan loso --field patient_id --sources ...`` (the issue's "each ct-volumes patient held out in turn"):
     each fold's test set is exactly one patient's images, the same hospital's other patients stay in training,
     and the report, the pooled figure and a resumed run name patients, not sources."""
@@ -358,6 +358,17 @@ def test_loso_by_patient_holds_out_one_patient_and_keeps_the_rest_of_its_hospita
     assert "| left-out patient_id |" in (out / "loso.md").read_text()
     bad = [*argv[: argv.index("--sources")], "--sources", "normal_p9", "--out", str(tmp_path / "bad")]
     assert main(bad) != 0 and not (tmp_path / "bad").exists()  # a patient that is not there: nothing made or trained
+
+    # --resume keeps these folds, but not for other held-out patients in the same folders (fold00 would be stale)
+    import covidscan.experiments.loso as loso_mod
+
+    trained = []
+    real_train = loso_mod.train
+    monkeypatch.setattr(loso_mod, "train", lambda *a, **k: trained.append(a[2].name) or real_train(*a, **k))
+    assert main([*argv, "--resume"]) == 0 and trained == []
+    i = argv.index("--sources")
+    assert main([*argv[: i + 1], "covid_p1", "normal_p0", *argv[i + 3 :], "--resume"]) == 0
+    assert trained == ["fold00", "fold01"]
 
 
 def two_patient_run(site, run):

@@ -71,13 +71,16 @@ def loso_split(index, left_out: str, *, val: float, seed: int, field: str = "sou
     return Split(index.subset(keep), [assignment[i] for i in keep], f"loso:{left_out}")
 
 
-def _finished_fold(fold_dir: Path, cfg: Config) -> tuple[dict, list[dict]] | None:
-    """A fold's saved summary and predictions when it finished with ``cfg``; None when it has
-    to be (re)run: missing, unreadable or truncated files, or another config."""
+def _finished_fold(fold_dir: Path, cfg: Config, left_out: str, field: str) -> tuple[dict, list[dict]] | None:
+    """A fold's saved summary and predictions when it finished with ``cfg`` holding out ``left_out`` (values of
+    ``field``); None when it has to be (re)run: missing, unreadable or truncated files, another config, or a
+    folder that held another fold."""
     try:
         if load_config(fold_dir / "config.yaml").to_dict() != cfg.to_dict():
             return None
         fold = json.loads((fold_dir / "fold.json").read_text())["fold"]
+        if fold.get("source") != left_out or fold.get("field", "source") != field:
+            return None
         with open(fold_dir / "predictions.csv", newline="") as fh:
             rows = [{**r, "p_covid": float(r["p_covid"])} for r in csv.DictReader(fh)]
         if len(rows) != fold["n"]:
@@ -163,9 +166,7 @@ def leave_one_source_out(
         split = loso_split(index, s, val=cfg.data.val or 0.1, seed=cfg.data.split_seed, field=field)
         fold_dir = out / f"fold{k:02d}"
         fold_dir.mkdir(exist_ok=True)
-        finished = _finished_fold(fold_dir, cfg) if resume else None
-        if finished and (finished[0].get("source") != s or finished[0].get("field", "source") != field):
-            finished = None  # the folder held another fold (other sources, or another field's values)
+        finished = _finished_fold(fold_dir, cfg, s, field) if resume else None
         if finished:
             fold, rows = finished
             logger.info("LOSO %s: kept finished fold %s", s, fold_dir)

@@ -8,8 +8,9 @@ COVID probabilities of each held-out image are averaged):
   AUROCs (each held-out source counted once, where the pooled figure weighs them by size);
 * per fold: specificity on each held-out non-COVID class at the threshold that gives 95% COVID sensitivity
   on the *other* folds' held-out COVID images (a threshold fixed before the new site is seen), optionally per
-  value of a manifest field (``by="view"``: the projection; ``by="patient_id"``: each held-out CT patient),
-  with the AUROC of the fold's COVID images against that value's non-COVID images;
+  value of a manifest field (``by="view"``: the projection; ``by="patient_id"``: each held-out CT patient);
+  with ``by``, also per fold the AUROC of its COVID images against each value's non-COVID images (which
+  patient or view the model takes for COVID; shown for a one-fold run too, which has no threshold to carry);
 * ``val_threshold``: the threshold a model could ship with (95% sensitivity on its own validation split),
   applied unchanged to the held-out images (validation scores cached in ``fold/val_predictions.csv``);
 * ``site``: what BatchNorm re-estimation on the held-out images (no labels) and a threshold chosen on 20% of
@@ -104,11 +105,8 @@ def threshold_for_sensitivity_of(p_pos: np.ndarray, sensitivity: float = 0.95) -
 def against_covid(f: Fold, negatives: np.ndarray) -> float:
     """AUROC of fold ``f``'s COVID images against the non-COVID images selected by ``negatives``: which kind of
     non-COVID image (a patient, a view, a disease) a model confuses with COVID, where the fold's AUROC mixes them."""
-    from sklearn.metrics import roc_auc_score
-
-    pos = f.y == 1
-    keep = pos | negatives
-    return float(roc_auc_score(pos[keep], f.p[keep]))
+    keep = (f.y == 1) | negatives
+    return float(auroc_ci(f.y[keep], f.p[keep], [], n_boot=0)[0])
 
 
 def pool(runs: list[Path], *, by: str = "", data=None, n_boot: int = 500, predictions: str = "predictions.csv") -> dict:
